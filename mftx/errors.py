@@ -1,0 +1,26 @@
+"""Exceptions raised by mftx, each naming the cause and what to do about it."""
+
+from __future__ import annotations
+
+
+class NonFiniteError(FloatingPointError, ValueError):
+    """A loss, gradient or Hessian-vector product holds NaN or inf."""
+
+
+class NegativeCurvatureError(ArithmeticError):
+    """CG met pᵀ(H + λI)p <= 0: the damped Hessian is not positive definite."""
+
+    def __init__(self, iteration: int, curvature: float, damping: float):
+        self.iteration = iteration
+        self.curvature = curvature
+        self.damping = damping
+        super().__init__(
+            f"CG met non-positive curvature pᵀ(H+λI)p = {curvature:.3e} at iteration "
+            f"{iteration} (damping λ = {damping:g}): H + λI is not positive definite here. "
+            "Raise the damping, use curvature='ggn' (positive semi-definite), or pass "
+            "on_negative_curvature='stop' to keep the iterate reached so far."
+        )
+
+
+class SolverDivergedError(ArithmeticError):
+    """An iterative solver's iterate grew without bound or became non-finite."""

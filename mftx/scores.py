@@ -1,0 +1,165 @@
+"""`Scores`: one score per analysed parameter, and which parameters to remove first."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from . import ops
+from .ops import Candidates
+
+__all__ = ["METHODS", "Scores"]
+
+#: For each method: whether candidates are the largest scores (else the smallest),
+#: and its flag rule (threshold, below) or None. The sign convention lives here only.
+METHODS: Dict[str, Dict[str, Any]] = {
+    "gradient": {
+        "largest": True,
+        "flag": (0.0, False),
+        "flag_label": "detrimental",
+        "help": "|θ| − |θ − lr·g_train|: how far one SGD step moves θ toward zero; > 0 flagged",
+    },
+    "influence": {
+        "largest": False,
+        "flag": (0.0, True),
+        "flag_label": "beneficial",
+        "help": "−θ ⊙ (H + λI)⁻¹ ∇L_val: predicted change of validation loss; < 0 flagged",
+    },
+    "taylor": {
+        "largest": False,
+        "flag": (0.0, True),
+        "flag_label": "beneficial",
+        "help": "−g_val ⊙ θ: first-order change of validation loss when zeroing; < 0 flagged",
+    },
+    "obd": {
+        "largest": False,
+        "flag": (0.0, True),
+        "flag_label": "beneficial",
+        "help": "−g_val ⊙ θ + ½ diag(H_val) ⊙ θ²: second-order change of validation loss; < 0 flagged",
+    },
+    "magnitude": {
+        "largest": False,
+        "flag": None,
+        "flag_label": None,
+        "help": "|θ|: smallest first; ranks only, flags nothing",
+    },
+}
+
+_FORMAT = "mftx.scores/1"
+
+
+class Scores:
+    """Per-parameter scores of one method, keyed by parameter name.
+
+    `candidates(k)` gives the k parameters most worth removing, first first;
+    `flagged()` the method's flagged set (gradient: detrimental; influence,
+    taylor, obd: beneficial to remove), both as `Candidates` whose tensor
+    indices follow `names`.
+    """
+
+    def __init__(
+        self,
+        method: str,
+        scores: Dict[str, torch.Tensor],
+        config: Optional[Dict[str, Any]] = None,
+        stats: Optional[Dict[str, Any]] = None,
+    ):
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; one of {sorted(METHODS)}")
+        if not scores:
+            raise ValueError("Scores needs at least one score tensor")
+        self.method = method
+        self.scores = dict(scores)
+        self.config = dict(config or {})
+        self.stats = dict(stats or {})
+        self._fused_flagged: Optional[Candidates] = None
+
+    @property
+    def names(self) -> Tuple[str, ...]:
+        return tuple(self.scores)
+
+    def tensors(self) -> List[torch.Tensor]:
+        return list(self.scores.values())
+
+    @property
+    def numel(self) -> int:
+        return sum(t.numel() for t in self.scores.values())
+
+    def __repr__(self) -> str:
+        return f"Scores(method={self.method!r}, tensors={len(self.scores)}, numel={self.numel})"
+
+    def candidates(self, k: int) -> Candidates:
+        """The k parameters most worth removing, most first."""
+        return ops.topk(self.tensors(), k, largest=METHODS[self.method]["largest"])
+
+    def flagged(self) -> Candidates:
+        """The method's flagged set, most extreme first."""
+        rule = METHODS[self.method]["flag"]
+        if rule is None:
+            raise ValueError(f"method {self.method!r} ranks parameters but flags none; use candidates(k)")
+        if self._fused_flagged is not None:
+            return self._fused_flagged
+        threshold, below = rule
+        return ops.select(self.tensors(), threshold, below=below)
+
+    def locate(self, cands: Candidates) -> List[Tuple[str, Tuple[int, ...], float]]:
+        """(parameter name, multi-index, score) of each candidate."""
+        names = self.names
+        out = []
+        for t, f, v in cands:
+            shape = self.scores[names[t]].shape
+            idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(f), shape))
+            out.append((names[t], idx, v))
+        return out
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: Union[str, Path]) -> Path:
+        """Write a safetensors file; method, config and stats go in its JSON metadata."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "format": _FORMAT,
+            "method": self.method,
+            "names": list(self.names),
+            "config": self.config,
+            "stats": self.stats,
+        }
+        tensors = {f"score.{i}": t.detach().contiguous().cpu() for i, t in enumerate(self.tensors())}
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata={"mftx": json.dumps(meta, default=_jsonable)})
+        tmp.replace(path)  # atomic: an interrupted save leaves no half file
+        return path
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> Scores:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no scores file at {path}")
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            if "mftx" not in header:
+                raise ValueError(f"{path} is a safetensors file but not mftx scores (no 'mftx' metadata)")
+            meta = json.loads(header["mftx"])
+            if meta.get("format") != _FORMAT:
+                raise ValueError(f"{path}: unsupported scores format {meta.get('format')!r}")
+            scores = {n: f.get_tensor(f"score.{i}") for i, n in enumerate(meta["names"])}
+        return cls(meta["method"], scores, meta["config"], meta["stats"])
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, (torch.dtype, torch.device, Path)):
+        return str(x)
+    if isinstance(x, torch.Tensor) and x.numel() == 1:
+        return x.item()
+    if isinstance(x, (set, tuple)):
+        return list(x)
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def from_space(method: str, names: Sequence[str], tensors: Sequence[torch.Tensor], **kw) -> Scores:
+    return Scores(method, dict(zip(names, tensors)), **kw)

@@ -1,0 +1,300 @@
+"""`mftx.score`: score every analysed parameter by what zeroing it would do.
+
+Methods (the sign convention is in `mftx.scores.METHODS`):
+- ``gradient``: |θ| − |θ − lr·g_train| (first order; > 0: moving toward zero, "detrimental").
+- ``influence``: −θ ⊙ s with s = (H + λI)⁻¹ ∇L_val, H the training loss's
+  curvature: one inverse-Hessian-vector product scores every parameter (< 0:
+  removing it is predicted to lower validation loss, "beneficial").
+- ``taylor``: −g_val ⊙ θ, first-order change of validation loss when zeroing.
+- ``obd``: −g_val ⊙ θ + ½ diag(H_val) ⊙ θ², second order (Optimal Brain Damage),
+  diag(H_val) by Hutchinson probes.
+- ``magnitude``: |θ|.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import ops, solvers
+from .hvp import CURVATURES, MODES, Curvature
+from .objective import check_batches, default_loss
+from .params import ParamSpace, select_params
+from .scores import METHODS, Scores
+
+__all__ = ["ScoreConfig", "score"]
+
+log = logging.getLogger("mftx")
+
+BACKENDS = ("eager", "compile", "xla")
+
+
+def _help(text: str, default: Any) -> Any:
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class ScoreConfig:
+    """Every setting of a scoring run (recorded with the scores)."""
+
+    method: str = _help("gradient | influence | taylor | obd | magnitude", "influence")
+    solver: str = _help("inverse-HVP solver: cg | lissa | explicit", "cg")
+    curvature: str = _help("hessian | ggn (generalised Gauss-Newton, PSD)", "hessian")
+    damping: float = _help("λ added to the curvature: solves (H + λI) s = ∇L_val", 0.01)
+    max_iter: int = _help("CG iteration cap", 100)
+    tol: float = _help("CG stops at relative residual <= tol", 1e-6)
+    lr: float = _help("learning rate of the gradient rule |θ − lr·g| < |θ|", 2e-5)
+    backend: str = _help("eager | compile (torch.compile) | xla (torch_xla)", "eager")
+    hvp_mode: str = _help("rev-rev | fwd-rev | double-backward", "rev-rev")
+    cache_graphs: bool = _help("double-backward only: keep each batch's first-order graph", False)
+    hvp_batches: Optional[int] = _help("use this many training batches (seeded) for HVPs; None: all", None)
+    fixed_iterations: bool = _help("CG runs exactly max_iter iterations, no host sync inside", False)
+    on_negative_curvature: str = _help("raise | stop: what CG does on pᵀ(H+λI)p <= 0", "raise")
+    lissa_scale: float = _help("LiSSA scale (> largest eigenvalue of H + λI)", 10.0)
+    lissa_depth: int = _help("LiSSA recursion depth", 100)
+    lissa_repeats: int = _help("LiSSA repeats averaged", 1)
+    lissa_stochastic: bool = _help("LiSSA: one sampled batch per step instead of all", False)
+    probes: int = _help("OBD: Hutchinson probes for diag(H_val)", 16)
+    seed: int = _help("seed for batch subsampling, LiSSA sampling and probes", 0)
+    max_explicit: int = _help("largest parameter count the explicit solver accepts", solvers.MAX_EXPLICIT)
+    progress: bool = _help("show tqdm progress bars", True)
+
+    def validate(self) -> None:
+        def one_of(name, options):
+            if getattr(self, name) not in options:
+                raise ValueError(f"{name} must be one of {tuple(options)}, got {getattr(self, name)!r}")
+
+        one_of("method", METHODS)
+        one_of("solver", solvers.SOLVERS)
+        one_of("curvature", CURVATURES)
+        one_of("backend", BACKENDS)
+        one_of("hvp_mode", MODES)
+        one_of("on_negative_curvature", ("raise", "stop"))
+        solvers._check_damping(self.damping)
+        if self.max_iter < 1:
+            raise ValueError(f"max_iter must be >= 1, got {self.max_iter}")
+        if self.hvp_batches is not None and self.hvp_batches < 1:
+            raise ValueError(f"hvp_batches must be >= 1 or None, got {self.hvp_batches}")
+        if self.probes < 1:
+            raise ValueError(f"probes must be >= 1, got {self.probes}")
+        ops._checks.lr_value(self.lr)
+
+    @classmethod
+    def help(cls) -> str:
+        return "\n".join(f"{f.name}: {f.metadata.get('help', '')}" for f in fields(cls))
+
+
+def _materialise(data: Optional[Iterable], what: str, needed: bool) -> list:
+    if data is None:
+        if needed:
+            raise ValueError(f"{what} is None but the method needs {what} batches")
+        return []
+    batches = list(data)
+    if needed and not batches:
+        raise ValueError(f"{what} is empty: the method needs at least one {what} batch")
+    return batches
+
+
+def _needs(method: str):
+    """(needs train, needs val)."""
+    return {
+        "gradient": (True, False),
+        "influence": (True, True),
+        "taylor": (False, True),
+        "obd": (False, True),
+        "magnitude": (False, False),
+    }[method]
+
+
+def score(
+    model: nn.Module,
+    train: Optional[Iterable] = None,
+    val: Optional[Iterable] = None,
+    method: str = "influence",
+    params: Optional[ParamSpace] = None,
+    loss_fn: Optional[Callable] = None,
+    solver: str = "cg",
+    curvature: str = "hessian",
+    damping: float = 0.01,
+    max_iter: int = 100,
+    tol: float = 1e-6,
+    lr: float = 2e-5,
+    backend: str = "eager",
+    **options: Any,
+) -> Scores:
+    """Score every analysed parameter of `model` with `method`.
+
+    `train` and `val` are iterables of batches (dicts of tensors; the default
+    loss is the Hugging Face classification loss, so batches carry ``labels``).
+    `params` defaults to `select_params(model)` (no classifier, pooler,
+    LayerNorm or embeddings). Further options are the fields of `ScoreConfig`
+    (``hvp_mode``, ``hvp_batches``, ``fixed_iterations``, ``lissa_*``, ``probes``,
+    ``seed``, ``progress`` ...). The model is scored in eval mode and left in
+    the mode it was in. Returns `Scores` with the config and solver statistics.
+    """
+    unknown = set(options) - {f.name for f in fields(ScoreConfig)}
+    if unknown:
+        raise TypeError(f"unknown option(s) {sorted(unknown)}; see mftx.ScoreConfig.help()")
+    cfg = ScoreConfig(
+        method=method, solver=solver, curvature=curvature, damping=damping, max_iter=max_iter,
+        tol=tol, lr=lr, backend=backend, **options,
+    )  # fmt: skip
+    return score_with_config(model, train, val, cfg, params=params, loss_fn=loss_fn)
+
+
+def score_with_config(
+    model: nn.Module,
+    train: Optional[Iterable],
+    val: Optional[Iterable],
+    cfg: ScoreConfig,
+    params: Optional[ParamSpace] = None,
+    loss_fn: Optional[Callable] = None,
+) -> Scores:
+    cfg.validate()
+    if cfg.backend == "xla":
+        from . import xla  # noqa: PLC0415  (optional dependency)
+
+        return xla.score_xla(model, train, val, cfg, params=params, loss_fn=loss_fn)
+    need_train, need_val = _needs(cfg.method)
+    train_b = _materialise(train, "train", need_train)
+    val_b = _materialise(val, "val", need_val)
+    space = params if params is not None else select_params(model)
+    frozen = [n for n, p in space if not p.requires_grad]
+    if frozen and cfg.method != "magnitude":
+        raise ValueError(
+            f"analysed parameter(s) without grad (requires_grad=False): {frozen[:5]}"
+            f"{' ...' if len(frozen) > 5 else ''}; unfreeze them or exclude them from params"
+        )
+    loss_fn = loss_fn if loss_fn is not None else default_loss(model)
+    check_batches(loss_fn, train_b, "train")
+    check_batches(loss_fn, val_b, "val")
+    if cfg.method == "influence" and cfg.solver == "explicit":
+        solvers.check_explicit_size(space.numel, cfg.max_explicit)
+
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    try:
+        tensors, stats, fused = _METHODS[cfg.method](model, space, train_b, val_b, loss_fn, cfg)
+    finally:
+        model.train(was_training)
+    stats["seconds"] = time.perf_counter() - t0
+    stats["analysed"] = space.summary()
+    config = asdict(cfg)
+    config["n_train_batches"] = len(train_b)
+    config["n_val_batches"] = len(val_b)
+    config["loss_fn"] = getattr(loss_fn, "__qualname__", type(loss_fn).__qualname__)
+    s = Scores(cfg.method, dict(zip(space.names, tensors)), config=config, stats=stats)
+    s._fused_flagged = fused
+    return s
+
+
+def _curvature(model, space, batches, loss_fn, cfg: ScoreConfig) -> Curvature:
+    return Curvature(
+        model, space, batches, loss_fn, curvature=cfg.curvature, mode=cfg.hvp_mode,
+        backend=cfg.backend, cache_graphs=cfg.cache_graphs,
+        check_finite=not cfg.fixed_iterations,
+    )  # fmt: skip
+
+
+def _gradient(model, space, train, val, loss_fn, cfg):
+    op = _curvature(model, space, train, loss_fn, cfg)
+    g, loss = op.gradient(_progress(train, cfg, "train gradient"), "training loss")
+    grads = space.unflatten(g)
+    theta = space.detached()
+    out = []
+    for p, gi in zip(theta, grads):
+        pd = p.to(torch.float64)
+        out.append((pd.abs() - (pd - gi.to(torch.float64) * cfg.lr).abs()).to(p.dtype))
+    fused = ops.toward_zero(theta, grads, cfg.lr)
+    return out, {"train_loss": loss, "flagged": len(fused), "grad_norm": float(g.norm())}, fused
+
+
+def _influence(model, space, train, val, loss_fn, cfg):
+    val_op = _curvature(model, space, val, loss_fn, cfg)
+    g_val, val_loss = val_op.gradient(_progress(val, cfg, "val gradient"), "validation loss")
+    idx = solvers.sample_indices(len(train), cfg.hvp_batches, cfg.seed)
+    op = _curvature(model, space, [train[i] for i in idx], loss_fn, cfg)
+    try:
+        res = _solve(op, g_val, cfg)
+    finally:
+        op.release()
+    s = space.unflatten(res.x)
+    out = [-(si * p) for si, p in zip(s, space.detached())]
+    stats = {
+        "val_loss": val_loss,
+        "val_grad_norm": float(g_val.norm()),
+        "hvp_batches_used": len(idx),
+        "n_hvp": op.n_matvec,
+        "n_batch_hvp": op.n_batch_products,
+        "solver": res.stats(),
+    }
+    return out, stats, None
+
+
+def _solve(op: Curvature, b: torch.Tensor, cfg: ScoreConfig) -> solvers.SolveResult:
+    if cfg.solver == "cg":
+        return solvers.cg(
+            op.matvec, b, cfg.damping, tol=cfg.tol, max_iter=cfg.max_iter,
+            fixed_iterations=cfg.fixed_iterations, on_negative_curvature=cfg.on_negative_curvature,
+            progress=cfg.progress,
+        )  # fmt: skip
+    if cfg.solver == "lissa":
+        return solvers.lissa(
+            op.matvec, b, cfg.damping, scale=cfg.lissa_scale, depth=cfg.lissa_depth,
+            repeats=cfg.lissa_repeats, tol=cfg.tol if cfg.tol > 0 else 0.0,
+            n_batches=len(op.batches) if cfg.lissa_stochastic else None, seed=cfg.seed,
+            progress=cfg.progress,
+        )  # fmt: skip
+    return solvers.explicit(op.matvec, b, cfg.damping, max_size=cfg.max_explicit)
+
+
+def _taylor(model, space, train, val, loss_fn, cfg):
+    op = _curvature(model, space, val, loss_fn, cfg)
+    g_val, val_loss = op.gradient(_progress(val, cfg, "val gradient"), "validation loss")
+    out = [-(g * p) for g, p in zip(space.unflatten(g_val), space.detached())]
+    return out, {"val_loss": val_loss, "val_grad_norm": float(g_val.norm())}, None
+
+
+def _obd(model, space, train, val, loss_fn, cfg):
+    op = _curvature(model, space, val, loss_fn, cfg)
+    g_val, val_loss = op.gradient(_progress(val, cfg, "val gradient"), "validation loss")
+    diag = hutchinson_diagonal(op, cfg.probes, cfg.seed, cfg.progress)
+    theta = space.flatten(space.detached())
+    s = -g_val * theta + 0.5 * diag * theta * theta
+    stats = {"val_loss": val_loss, "probes": cfg.probes, "n_hvp": op.n_matvec}
+    return space.unflatten(s), stats, None
+
+
+def _magnitude(model, space, train, val, loss_fn, cfg):
+    return [p.abs() for p in space.detached()], {}, None
+
+
+_METHODS = {
+    "gradient": _gradient,
+    "influence": _influence,
+    "taylor": _taylor,
+    "obd": _obd,
+    "magnitude": _magnitude,
+}
+
+
+def hutchinson_diagonal(op: Curvature, probes: int, seed: int, progress: bool = False) -> torch.Tensor:
+    """diag(A) ≈ mean over Rademacher probes z of z ⊙ (A z)."""
+    gen = torch.Generator().manual_seed(seed)
+    n = op.space.numel
+    acc = torch.zeros(n, dtype=op.space.dtype, device=op.space.device)
+    for _ in tqdm(range(probes), desc="hutchinson", disable=not progress, leave=False):
+        z = (torch.randint(0, 2, (n,), generator=gen) * 2 - 1).to(acc)
+        acc += z * op.matvec(z)
+    return acc / probes
+
+
+def _progress(batches, cfg: ScoreConfig, desc: str):
+    return tqdm(batches, desc=desc, disable=not cfg.progress, leave=False)

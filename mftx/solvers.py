@@ -1,0 +1,293 @@
+"""Solvers for (A + λI) x = b, where A is only available through products A v.
+
+- `cg`: conjugate gradients with a tolerance, or a fixed number of iterations
+  with no data-dependent control flow (for compiled graphs); stops on
+  non-positive curvature instead of returning garbage.
+- `lissa`: the LiSSA recursion x ← b + (I − (A + λI)/scale) x, optionally on one
+  sampled batch per step, averaged over repeats; detects divergence.
+- `explicit`: the dense matrix and a direct solve, for small spaces; the oracle
+  of the tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, List, Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import NegativeCurvatureError, NonFiniteError, SolverDivergedError
+
+__all__ = ["SOLVERS", "SolveResult", "cg", "explicit", "lissa"]
+
+log = logging.getLogger("mftx")
+
+SOLVERS = ("cg", "lissa", "explicit")
+
+MatVec = Callable[[torch.Tensor], torch.Tensor]
+
+#: Largest parameter count `explicit` builds a dense matrix for.
+MAX_EXPLICIT = 4096
+
+
+@dataclass
+class SolveResult:
+    """A solution and how it was reached."""
+
+    x: torch.Tensor
+    solver: str
+    iterations: int
+    converged: bool
+    reason: str
+    residuals: List[float] = field(default_factory=list)
+    n_matvec: int = 0
+    seconds: float = 0.0
+    negative_curvature: bool = False
+
+    @property
+    def relative_residual(self) -> float:
+        return self.residuals[-1] if self.residuals else float("nan")
+
+    def stats(self) -> dict:
+        d = asdict(self)
+        d.pop("x")
+        d["relative_residual"] = self.relative_residual
+        return d
+
+
+def _check_damping(damping: float) -> float:
+    damping = float(damping)
+    if not math.isfinite(damping) or damping < 0:
+        raise ValueError(f"damping must be finite and >= 0, got {damping}")
+    return damping
+
+
+def _norm(x: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(x)
+
+
+def cg(
+    matvec: MatVec,
+    b: torch.Tensor,
+    damping: float = 0.0,
+    tol: float = 1e-6,
+    max_iter: int = 100,
+    fixed_iterations: bool = False,
+    on_negative_curvature: str = "raise",
+    progress: bool = False,
+    sync: Optional[Callable[[List[torch.Tensor]], None]] = None,
+) -> SolveResult:
+    """Conjugate gradients for (A + λI) x = b from x = 0.
+
+    Stops when ‖r‖ <= tol·‖b‖ or after `max_iter` iterations. With
+    `fixed_iterations=True` it runs exactly `max_iter` iterations without reading
+    any value back to the host inside the loop (residuals are kept on the device
+    and read once at the end; a step with non-positive curvature or a zero
+    residual leaves the iterate unchanged). `sync`, if given, is called with the
+    CG state tensors after every iteration (XLA cuts its graph there).
+
+    Non-positive curvature pᵀ(A + λI)p <= 0 raises `NegativeCurvatureError`, or,
+    with ``on_negative_curvature="stop"``, returns the iterate reached so far with
+    ``negative_curvature=True``.
+    """
+    damping = _check_damping(damping)
+    if max_iter < 1:
+        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+    if tol < 0:
+        raise ValueError(f"tol must be >= 0, got {tol}")
+    if on_negative_curvature not in ("raise", "stop"):
+        raise ValueError("on_negative_curvature must be 'raise' or 'stop'")
+    t0 = time.perf_counter()
+    A = (lambda v: matvec(v) + damping * v) if damping else matvec
+    x = torch.zeros_like(b)
+    r = b.clone()
+    p = r.clone()
+    rs = torch.dot(r, r)
+    b_norm = torch.sqrt(rs)
+    if fixed_iterations:
+        return _cg_fixed(A, b, x, r, p, rs, b_norm, max_iter, progress, sync, t0)
+    bn = float(b_norm)
+    if bn == 0.0:
+        return SolveResult(x, "cg", 0, True, "b is zero", [0.0], 0, time.perf_counter() - t0)
+    residuals: List[float] = []
+    reason, converged, neg = "max_iter reached", False, False
+    n_mv = 0
+    bar = tqdm(range(max_iter), desc="cg", disable=not progress, leave=False)
+    it = 0
+    for it in bar:
+        Ap = A(p)
+        n_mv += 1
+        pAp = float(torch.dot(p, Ap))
+        if not math.isfinite(pAp):
+            raise NonFiniteError(f"CG: pᵀAp is {pAp} at iteration {it}")
+        if pAp <= 0:
+            if on_negative_curvature == "raise":
+                bar.close()
+                raise NegativeCurvatureError(it, pAp, damping)
+            reason, neg = f"non-positive curvature {pAp:.3e} at iteration {it}", True
+            it -= 1
+            break
+        alpha = float(rs) / pAp
+        x.add_(p, alpha=alpha)
+        r.add_(Ap, alpha=-alpha)
+        rs_new = torch.dot(r, r)
+        rel = math.sqrt(float(rs_new)) / bn
+        residuals.append(rel)
+        bar.set_postfix(rel_res=f"{rel:.2e}")
+        log.debug("cg iteration %d: relative residual %.3e", it + 1, rel)
+        if sync is not None:
+            sync([x, r, p, rs_new])
+        if rel <= tol:
+            reason, converged = f"relative residual {rel:.2e} <= tol {tol:g}", True
+            break
+        p.mul_(float(rs_new) / float(rs)).add_(r)
+        rs = rs_new
+    bar.close()
+    iters = it + 1
+    log.info("cg: %d iterations, relative residual %.3e (%s)", iters, residuals[-1] if residuals else 1.0, reason)
+    return SolveResult(
+        x, "cg", iters, converged, reason, residuals, n_mv, time.perf_counter() - t0, neg
+    )
+
+
+def _cg_fixed(A, b, x, r, p, rs, b_norm, max_iter, progress, sync, t0) -> SolveResult:
+    res = []
+    neg = torch.zeros((), dtype=torch.bool, device=b.device)
+    zero = torch.zeros((), dtype=b.dtype, device=b.device)
+    for _ in tqdm(range(max_iter), desc="cg", disable=not progress, leave=False):
+        Ap = A(p)
+        pAp = torch.dot(p, Ap)
+        ok = pAp > 0
+        neg = neg | ~ok
+        alpha = torch.where(ok, rs / torch.where(ok, pAp, torch.ones_like(pAp)), zero)
+        x = x + alpha * p
+        r = r - alpha * Ap
+        rs_new = torch.dot(r, r)
+        beta = torch.where(rs > 0, rs_new / torch.where(rs > 0, rs, torch.ones_like(rs)), zero)
+        p = r + beta * p
+        rs = rs_new
+        res.append(torch.sqrt(rs_new))
+        del Ap, pAp
+        if sync is not None:
+            sync([x, r, p, rs, neg] + res[-1:])
+    rel = (torch.stack(res) / torch.clamp(b_norm, min=torch.finfo(b.dtype).tiny)).cpu().tolist()
+    neg_seen = bool(neg.cpu())
+    reason = f"{max_iter} fixed iterations" + (" (non-positive curvature met)" if neg_seen else "")
+    return SolveResult(
+        x, "cg", max_iter, not neg_seen, reason, rel, max_iter, time.perf_counter() - t0, neg_seen
+    )
+
+
+def lissa(
+    matvec: Callable[..., torch.Tensor],
+    b: torch.Tensor,
+    damping: float = 0.0,
+    scale: float = 10.0,
+    depth: int = 100,
+    repeats: int = 1,
+    tol: float = 0.0,
+    n_batches: Optional[int] = None,
+    seed: int = 0,
+    progress: bool = False,
+    divergence: float = 1e4,
+) -> SolveResult:
+    """LiSSA: x_{j+1} = b + (I − (A + λI)/scale) x_j, answer x/scale.
+
+    `scale` must exceed the largest eigenvalue of A + λI, and A + λI must be
+    positive definite; then after `depth` steps the relative error is at most
+    (1 − μ/scale)^depth (μ the smallest eigenvalue of A + λI). With `n_batches`
+    set, each step uses one batch drawn at random (``matvec(v, [i])``): a
+    stochastic estimate, averaged over `repeats` runs. `tol` > 0 stops a run
+    when the update is below tol·‖x‖. A run whose iterate grows beyond
+    `divergence`·depth·‖b‖ or stops being finite raises `SolverDivergedError`.
+    """
+    damping = _check_damping(damping)
+    if scale <= 0 or depth < 1 or repeats < 1:
+        raise ValueError("lissa needs scale > 0, depth >= 1 and repeats >= 1")
+    t0 = time.perf_counter()
+    gen = torch.Generator().manual_seed(seed)
+    b_norm = float(_norm(b))
+    total = torch.zeros_like(b)
+    n_mv, iters, residuals = 0, 0, []
+    converged = True
+    limit = divergence * depth * max(b_norm, 1e-30)
+    for rep in range(repeats):
+        x = b.clone()
+        bar = tqdm(range(depth), desc=f"lissa {rep + 1}/{repeats}", disable=not progress, leave=False)
+        run_converged = tol <= 0
+        for j in bar:
+            if n_batches:
+                i = int(torch.randint(n_batches, (1,), generator=gen))
+                Ax = matvec(x, [i])
+            else:
+                Ax = matvec(x)
+            n_mv += 1
+            x_new = b + x - (Ax + damping * x) / scale
+            step = float(_norm(x_new - x))
+            xn = float(_norm(x_new))
+            if not math.isfinite(xn) or xn > limit:
+                raise SolverDivergedError(
+                    f"LiSSA diverged at step {j} of repeat {rep}: ‖x‖ = {xn:.3e}. Raise `scale` "
+                    "above the largest eigenvalue of H + λI, or raise the damping."
+                )
+            x = x_new
+            iters += 1
+            residuals.append(step / max(xn, 1e-30))
+            if tol > 0 and step <= tol * xn:
+                run_converged = True
+                break
+        bar.close()
+        converged = converged and run_converged
+        total += x / scale
+    x = total / repeats
+    reason = f"{repeats} repeat(s) of depth <= {depth}"
+    return SolveResult(
+        x, "lissa", iters, converged, reason, residuals, n_mv, time.perf_counter() - t0
+    )
+
+
+def dense_matrix(matvec: MatVec, n: int, like: torch.Tensor) -> torch.Tensor:
+    """A as a dense n×n matrix, one product per column."""
+    cols = []
+    e = torch.zeros(n, dtype=like.dtype, device=like.device)
+    for j in range(n):
+        e.zero_()
+        e[j] = 1
+        cols.append(matvec(e).clone())
+    return torch.stack(cols, dim=1)
+
+
+def explicit(
+    matvec: MatVec, b: torch.Tensor, damping: float = 0.0, max_size: int = MAX_EXPLICIT
+) -> SolveResult:
+    """Build A densely (n products) and solve (A + λI) x = b with `torch.linalg.solve`."""
+    damping = _check_damping(damping)
+    n = b.numel()
+    check_explicit_size(n, max_size)
+    t0 = time.perf_counter()
+    A = dense_matrix(matvec, n, b)
+    A = 0.5 * (A + A.T) + damping * torch.eye(n, dtype=A.dtype, device=A.device)
+    x = torch.linalg.solve(A, b)
+    rel = float(_norm(A @ x - b) / _norm(b)) if float(_norm(b)) > 0 else 0.0
+    return SolveResult(x, "explicit", 1, True, "direct solve", [rel], n, time.perf_counter() - t0)
+
+
+def check_explicit_size(n: int, max_size: int = MAX_EXPLICIT) -> None:
+    if n > max_size:
+        raise ValueError(
+            f"solver='explicit' builds a dense {n}×{n} matrix ({n} products); it is limited to "
+            f"{max_size} parameters. Use solver='cg' or restrict the parameters "
+            "(select_params(include=...))."
+        )
+
+
+def sample_indices(n: int, k: Optional[int], seed: int) -> Sequence[int]:
+    """k batch indices out of n, drawn with a seed (all of them when k is None or >= n)."""
+    if k is None or k >= n:
+        return list(range(n))
+    gen = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(n, generator=gen)[:k].tolist())
