@@ -62,7 +62,9 @@ class Objective:
 
     def check_batch(self, batch: Batch, where: str) -> None:
         if not isinstance(batch, Mapping):
-            raise TypeError(f"{where} is a {type(batch).__name__}; batches must be dicts of tensors")
+            raise TypeError(
+                f"{where} is a {type(batch).__name__}; batches must be dicts of tensors"
+            )
         missing = [k for k in self.requires if k not in batch]
         if missing:
             raise ValueError(

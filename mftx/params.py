@@ -89,7 +89,9 @@ class ParamSpace:
     def unflatten(self, vec: torch.Tensor) -> List[torch.Tensor]:
         """Views of a flat vector shaped like the parameters."""
         if vec.dim() != 1 or vec.numel() != self.numel:
-            raise ValueError(f"expected a 1-D tensor of {self.numel} entries, got {tuple(vec.shape)}")
+            raise ValueError(
+                f"expected a 1-D tensor of {self.numel} entries, got {tuple(vec.shape)}"
+            )
         return [c.view(s) for c, s in zip(torch.split(vec, self.numels), self.shapes)]
 
     def locate(self, tensor_index: int, flat_index: int) -> Tuple[str, Tuple[int, ...]]:

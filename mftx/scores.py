@@ -101,7 +101,9 @@ class Scores:
         """The method's flagged set, most extreme first."""
         rule = METHODS[self.method]["flag"]
         if rule is None:
-            raise ValueError(f"method {self.method!r} ranks parameters but flags none; use candidates(k)")
+            raise ValueError(
+                f"method {self.method!r} ranks parameters but flags none; use candidates(k)"
+            )
         if self._fused_flagged is not None:
             return self._fused_flagged
         threshold, below = rule
@@ -129,7 +131,9 @@ class Scores:
             "config": self.config,
             "stats": self.stats,
         }
-        tensors = {f"score.{i}": t.detach().contiguous().cpu() for i, t in enumerate(self.tensors())}
+        tensors = {
+            f"score.{i}": t.detach().contiguous().cpu() for i, t in enumerate(self.tensors())
+        }
         tmp = path.with_name(path.name + ".tmp")
         save_file(tensors, str(tmp), metadata={"mftx": json.dumps(meta, default=_jsonable)})
         tmp.replace(path)  # atomic: an interrupted save leaves no half file
@@ -143,7 +147,9 @@ class Scores:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
             if "mftx" not in header:
-                raise ValueError(f"{path} is a safetensors file but not mftx scores (no 'mftx' metadata)")
+                raise ValueError(
+                    f"{path} is a safetensors file but not mftx scores (no 'mftx' metadata)"
+                )
             meta = json.loads(header["mftx"])
             if meta.get("format") != _FORMAT:
                 raise ValueError(f"{path}: unsupported scores format {meta.get('format')!r}")

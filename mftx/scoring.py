@@ -53,22 +53,32 @@ class ScoreConfig:
     backend: str = _help("eager | compile (torch.compile) | xla (torch_xla)", "eager")
     hvp_mode: str = _help("rev-rev | fwd-rev | double-backward", "rev-rev")
     cache_graphs: bool = _help("double-backward only: keep each batch's first-order graph", False)
-    hvp_batches: Optional[int] = _help("use this many training batches (seeded) for HVPs; None: all", None)
-    fixed_iterations: bool = _help("CG runs exactly max_iter iterations, no host sync inside", False)
+    hvp_batches: Optional[int] = _help(
+        "use this many training batches (seeded) for HVPs; None: all", None
+    )
+    fixed_iterations: bool = _help(
+        "CG runs exactly max_iter iterations, no host sync inside", False
+    )
     on_negative_curvature: str = _help("raise | stop: what CG does on pᵀ(H+λI)p <= 0", "raise")
     lissa_scale: float = _help("LiSSA scale (> largest eigenvalue of H + λI)", 10.0)
     lissa_depth: int = _help("LiSSA recursion depth", 100)
     lissa_repeats: int = _help("LiSSA repeats averaged", 1)
     lissa_stochastic: bool = _help("LiSSA: one sampled batch per step instead of all", False)
-    probes: int = _help("OBD: Hutchinson probes for diag(H_val)", 16)
+    probes: int = _help(
+        "OBD: Hutchinson probes for diag(H_val); 0: exact diagonal (small spaces)", 16
+    )
     seed: int = _help("seed for batch subsampling, LiSSA sampling and probes", 0)
-    max_explicit: int = _help("largest parameter count the explicit solver accepts", solvers.MAX_EXPLICIT)
+    max_explicit: int = _help(
+        "largest parameter count the explicit solver accepts", solvers.MAX_EXPLICIT
+    )
     progress: bool = _help("show tqdm progress bars", True)
 
     def validate(self) -> None:
         def one_of(name, options):
             if getattr(self, name) not in options:
-                raise ValueError(f"{name} must be one of {tuple(options)}, got {getattr(self, name)!r}")
+                raise ValueError(
+                    f"{name} must be one of {tuple(options)}, got {getattr(self, name)!r}"
+                )
 
         one_of("method", METHODS)
         one_of("solver", solvers.SOLVERS)
@@ -81,8 +91,8 @@ class ScoreConfig:
             raise ValueError(f"max_iter must be >= 1, got {self.max_iter}")
         if self.hvp_batches is not None and self.hvp_batches < 1:
             raise ValueError(f"hvp_batches must be >= 1 or None, got {self.hvp_batches}")
-        if self.probes < 1:
-            raise ValueError(f"probes must be >= 1, got {self.probes}")
+        if self.probes < 0:
+            raise ValueError(f"probes must be >= 0 (0: exact diagonal), got {self.probes}")
         ops._checks.lr_value(self.lr)
 
     @classmethod
@@ -158,7 +168,7 @@ def score_with_config(
 ) -> Scores:
     cfg.validate()
     if cfg.backend == "xla":
-        from . import xla  # noqa: PLC0415  (optional dependency)
+        from . import xla  # optional dependency: torch_xla
 
         return xla.score_xla(model, train, val, cfg, params=params, loss_fn=loss_fn)
     need_train, need_val = _needs(cfg.method)
@@ -174,7 +184,9 @@ def score_with_config(
     loss_fn = loss_fn if loss_fn is not None else default_loss(model)
     check_batches(loss_fn, train_b, "train")
     check_batches(loss_fn, val_b, "val")
-    if cfg.method == "influence" and cfg.solver == "explicit":
+    if (cfg.method == "influence" and cfg.solver == "explicit") or (
+        cfg.method == "obd" and cfg.probes == 0
+    ):
         solvers.check_explicit_size(space.numel, cfg.max_explicit)
 
     was_training = model.training
@@ -265,7 +277,10 @@ def _taylor(model, space, train, val, loss_fn, cfg):
 def _obd(model, space, train, val, loss_fn, cfg):
     op = _curvature(model, space, val, loss_fn, cfg)
     g_val, val_loss = op.gradient(_progress(val, cfg, "val gradient"), "validation loss")
-    diag = hutchinson_diagonal(op, cfg.probes, cfg.seed, cfg.progress)
+    if cfg.probes == 0:
+        diag = exact_diagonal(op, cfg.progress)
+    else:
+        diag = hutchinson_diagonal(op, cfg.probes, cfg.seed, cfg.progress)
     theta = space.flatten(space.detached())
     s = -g_val * theta + 0.5 * diag * theta * theta
     stats = {"val_loss": val_loss, "probes": cfg.probes, "n_hvp": op.n_matvec}
@@ -285,7 +300,9 @@ _METHODS = {
 }
 
 
-def hutchinson_diagonal(op: Curvature, probes: int, seed: int, progress: bool = False) -> torch.Tensor:
+def hutchinson_diagonal(
+    op: Curvature, probes: int, seed: int, progress: bool = False
+) -> torch.Tensor:
     """diag(A) ≈ mean over Rademacher probes z of z ⊙ (A z)."""
     gen = torch.Generator().manual_seed(seed)
     n = op.space.numel
@@ -294,6 +311,18 @@ def hutchinson_diagonal(op: Curvature, probes: int, seed: int, progress: bool = 
         z = (torch.randint(0, 2, (n,), generator=gen) * 2 - 1).to(acc)
         acc += z * op.matvec(z)
     return acc / probes
+
+
+def exact_diagonal(op: Curvature, progress: bool = False) -> torch.Tensor:
+    """diag(A) exactly, one product per parameter (small spaces only)."""
+    n = op.space.numel
+    out = torch.empty(n, dtype=op.space.dtype, device=op.space.device)
+    e = torch.zeros_like(out)
+    for j in tqdm(range(n), desc="diagonal", disable=not progress, leave=False):
+        e[j] = 1
+        out[j] = op.matvec(e)[j]
+        e[j] = 0
+    return out
 
 
 def _progress(batches, cfg: ScoreConfig, desc: str):

@@ -148,7 +148,12 @@ def cg(
         rs = rs_new
     bar.close()
     iters = it + 1
-    log.info("cg: %d iterations, relative residual %.3e (%s)", iters, residuals[-1] if residuals else 1.0, reason)
+    log.info(
+        "cg: %d iterations, relative residual %.3e (%s)",
+        iters,
+        residuals[-1] if residuals else 1.0,
+        reason,
+    )
     return SolveResult(
         x, "cg", iters, converged, reason, residuals, n_mv, time.perf_counter() - t0, neg
     )
@@ -173,7 +178,7 @@ def _cg_fixed(A, b, x, r, p, rs, b_norm, max_iter, progress, sync, t0) -> SolveR
         res.append(torch.sqrt(rs_new))
         del Ap, pAp
         if sync is not None:
-            sync([x, r, p, rs, neg] + res[-1:])
+            sync([x, r, p, rs, neg, res[-1]])
     rel = (torch.stack(res) / torch.clamp(b_norm, min=torch.finfo(b.dtype).tiny)).cpu().tolist()
     neg_seen = bool(neg.cpu())
     reason = f"{max_iter} fixed iterations" + (" (non-positive curvature met)" if neg_seen else "")
@@ -217,7 +222,9 @@ def lissa(
     limit = divergence * depth * max(b_norm, 1e-30)
     for rep in range(repeats):
         x = b.clone()
-        bar = tqdm(range(depth), desc=f"lissa {rep + 1}/{repeats}", disable=not progress, leave=False)
+        bar = tqdm(
+            range(depth), desc=f"lissa {rep + 1}/{repeats}", disable=not progress, leave=False
+        )
         run_converged = tol <= 0
         for j in bar:
             if n_batches:

@@ -1,0 +1,480 @@
+"""The scoring engine against float64 brute-force oracles built independently here."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _toys import mean_loss_fn, mlp_problem, tiny_bert_problem
+from torch import nn
+from torch.func import functional_call, hessian, jacrev
+
+import mftx
+from mftx import solvers
+
+MODES = ["rev-rev", "fwd-rev", "double-backward"]
+
+
+def rel(a, b):
+    a, b = a.detach(), b.detach()
+    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    model, train, val, obj = mlp_problem()
+    space = mftx.select_params(model, exclude=None)
+    return model, train, val, obj, space
+
+
+@pytest.fixture(scope="module")
+def bert():
+    return tiny_bert_problem()
+
+
+@pytest.fixture(scope="module")
+def mlp_dense(mlp):
+    model, train, val, obj, space = mlp
+    theta = space.flatten(space.detached())
+    return hessian(mean_loss_fn(model, space, train, obj))(theta).detach()
+
+
+@pytest.fixture(scope="module")
+def bert_dense(bert):
+    model, train, val, space = bert
+    theta = space.flatten(space.detached())
+    return hessian(mean_loss_fn(model, space, train, None))(theta).detach()
+
+
+# ---------------------------------------------------------------- parameter space
+
+
+def test_select_params_default_exclusions(bert):
+    model = bert[0]
+    space = mftx.select_params(model)
+    assert all("encoder.layer" in n for n in space.names)
+    assert not any(
+        k in n for n in space.names for k in ("classifier", "pooler", "LayerNorm", "embeddings")
+    )
+    total = sum(p.numel() for p in model.parameters())
+    s = space.summary()
+    assert s["total"] == total and s["analysed"] == space.numel
+    assert math.isclose(s["share"], space.numel / total)
+
+
+def test_select_params_counts_tied_tensors_once():
+    lin = nn.Linear(3, 3)
+    model = nn.ModuleDict({"a": lin, "b": lin})
+    space = mftx.select_params(model, exclude=None)
+    assert space.numel == 12 and space.summary()["total"] == 12 and len(space) == 2
+
+
+def test_select_params_nothing_left_is_an_error(bert):
+    with pytest.raises(ValueError, match="no analysed parameters"):
+        mftx.select_params(bert[0], include=["does-not-exist"])
+
+
+def test_flatten_unflatten_roundtrip(bert):
+    space = bert[3]
+    vec = torch.randn(space.numel, dtype=torch.float64)
+    assert torch.equal(space.flatten(space.unflatten(vec)), vec)
+
+
+# ---------------------------------------------------------------- curvature products
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_hvp_equals_dense_hessian_mlp(mlp, mlp_dense, mode):
+    model, train, val, obj, space = mlp
+    op = mftx.Curvature(model, space, train, obj, mode=mode)
+    v = torch.randn(space.numel, dtype=torch.float64)
+    assert rel(op.matvec(v), mlp_dense @ v) < 1e-12
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_hvp_equals_dense_hessian_tiny_bert(bert, bert_dense, mode):
+    model, train, val, space = bert
+    op = mftx.Curvature(model, space, train, mftx.HFClassification(), mode=mode)
+    v = torch.randn(space.numel, dtype=torch.float64)
+    assert rel(op.matvec(v), bert_dense @ v) < 1e-10
+
+
+def test_cached_graph_hvp_equals_dense_hessian(bert, bert_dense):
+    model, train, val, space = bert
+    op = mftx.Curvature(
+        model, space, train, mftx.HFClassification(), mode="double-backward", cache_graphs=True
+    )
+    for _ in range(2):  # the second product reuses the graphs
+        v = torch.randn(space.numel, dtype=torch.float64)
+        assert rel(op.matvec(v), bert_dense @ v) < 1e-10
+    assert len(op._graphs) == len(train)
+
+
+def test_hvp_on_a_subset_of_batches(mlp):
+    model, train, val, obj, space = mlp
+    op = mftx.Curvature(model, space, train, obj)
+    H1 = hessian(mean_loss_fn(model, space, [train[1]], obj))(space.flatten(space.detached()))
+    v = torch.randn(space.numel, dtype=torch.float64)
+    assert rel(op.matvec(v, [1]), H1 @ v) < 1e-12
+
+
+def _dense_ggn(model, space, batches, outputs, loss_on_outputs):
+    theta = space.flatten(space.detached())
+    total, n_all = 0.0, 0
+    for b in batches:
+
+        def out(flat, b=b):
+            return outputs(dict(zip(space.names, space.unflatten(flat))), b)
+
+        z = out(theta)
+        J = jacrev(out)(theta).reshape(z.numel(), -1)
+        Hz = hessian(lambda zz, b=b, s=z.shape: loss_on_outputs(zz.reshape(s), b))(z.reshape(-1))
+        n = b["labels"].shape[0]
+        total = total + n * (J.T @ Hz @ J)
+        n_all += n
+    return (total / n_all).detach()
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("cache", [False, True])
+def test_ggn_equals_dense_jthj(bert, mode, cache):
+    if cache and mode != "double-backward":
+        pytest.skip("graph caching is a double-backward option")
+    model, train, val, space = bert
+
+    def outputs(state, b):
+        inputs = {k: v for k, v in b.items() if k != "labels"}
+        return functional_call(model, state, (), inputs).logits
+
+    G = _dense_ggn(model, space, train, outputs, lambda z, b: F.cross_entropy(z, b["labels"]))
+    assert torch.linalg.eigvalsh(G).min() > -1e-10  # PSD, as it must be
+    op = mftx.Curvature(
+        model, space, train, mftx.HFClassification(), curvature="ggn", mode=mode,
+        cache_graphs=cache,
+    )  # fmt: skip
+    v = torch.randn(space.numel, dtype=torch.float64)
+    assert rel(op.matvec(v), G @ v) < 1e-10
+
+
+def test_ggn_needs_an_objective(mlp):
+    model, train, val, obj, space = mlp
+    with pytest.raises(TypeError, match="outputs"):
+        mftx.Curvature(model, space, train, lambda m, b: obj(m, b), curvature="ggn")
+
+
+def test_default_objective_is_the_models_own_loss(bert):
+    model, train, val, space = bert
+    b = train[0]
+    assert torch.allclose(mftx.HFClassification()(model, b), model(**b).loss, rtol=1e-14)
+
+
+def test_compiled_hvp_has_no_graph_breaks(mlp):
+    model, train, val, obj, space = mlp
+    op = mftx.Curvature(model, space, train, obj)
+    params = op.params
+    v = tuple(torch.randn_like(p) for p in params)
+    explanation = torch._dynamo.explain(op._product)(params, v, train[0])
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def test_compile_backend_matches_eager(mlp):
+    model, train, val, obj, space = mlp
+    torch._dynamo.reset()
+    kw = dict(method="influence", params=space, loss_fn=obj, damping=0.5, curvature="ggn",
+              progress=False)  # fmt: skip
+    eager = mftx.score(model, train, val, **kw)
+    compiled = mftx.score(model, train, val, backend="compile", **kw)
+    for n in eager.names:
+        torch.testing.assert_close(compiled.scores[n], eager.scores[n], rtol=1e-9, atol=1e-12)
+
+
+# ---------------------------------------------------------------- solvers
+
+
+def _spd_problem(n=30, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    Q = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=g))[0]
+    A = Q @ torch.diag(torch.logspace(-2, 1, n, dtype=torch.float64)) @ Q.T
+    b = torch.randn(n, dtype=torch.float64, generator=g)
+    return A, b
+
+
+@pytest.mark.parametrize("damping", [0.0, 0.1])
+def test_cg_and_explicit_agree_with_linalg_solve(damping):
+    A, b = _spd_problem()
+    want = torch.linalg.solve(A + damping * torch.eye(len(b), dtype=A.dtype), b)
+    res = solvers.cg(lambda v: A @ v, b, damping, tol=1e-12, max_iter=500)
+    assert res.converged and rel(res.x, want) < 1e-8
+    assert res.residuals[-1] <= 1e-12 and res.n_matvec == res.iterations
+    ex = solvers.explicit(lambda v: A @ v, b, damping)
+    assert rel(ex.x, want) < 1e-8
+
+
+def test_cg_on_the_model_agrees_with_linalg_solve(mlp, mlp_dense):
+    model, train, val, obj, space = mlp
+    op = mftx.Curvature(model, space, train, obj, curvature="ggn")
+    G = solvers.dense_matrix(op.matvec, space.numel, space.params[0].detach())
+    b = torch.randn(space.numel, dtype=torch.float64)
+    want = torch.linalg.solve(G + 0.01 * torch.eye(space.numel, dtype=G.dtype), b)
+    res = solvers.cg(op.matvec, b, 0.01, tol=1e-13, max_iter=1000)
+    assert rel(res.x, want) < 1e-8
+
+
+def test_cg_fixed_iterations_matches_the_adaptive_loop():
+    A, b = _spd_problem()
+    adaptive = solvers.cg(lambda v: A @ v, b, 0.0, tol=0.0, max_iter=12)
+    fixed = solvers.cg(lambda v: A @ v, b, 0.0, max_iter=12, fixed_iterations=True)
+    assert fixed.iterations == 12 and not fixed.negative_curvature
+    assert rel(fixed.x, adaptive.x) < 1e-10
+    assert fixed.residuals == pytest.approx(adaptive.residuals, rel=1e-8)
+
+
+def test_cg_fixed_iterations_past_convergence_stays_finite():
+    A = torch.diag(torch.tensor([1.0, 2.0], dtype=torch.float64))
+    b = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    res = solvers.cg(lambda v: A @ v, b, max_iter=10, fixed_iterations=True)
+    assert torch.isfinite(res.x).all()
+    assert rel(res.x, torch.tensor([1.0, 0.5], dtype=torch.float64)) < 1e-12
+
+
+def test_cg_negative_curvature_raises_or_stops():
+    A = torch.diag(torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64))
+    b = torch.ones(3, dtype=torch.float64)
+    with pytest.raises(mftx.NegativeCurvatureError, match="not positive definite"):
+        solvers.cg(lambda v: A @ v, b, 0.0)
+    res = solvers.cg(lambda v: A @ v, b, 0.0, on_negative_curvature="stop")
+    assert res.negative_curvature and not res.converged and torch.isfinite(res.x).all()
+    fixed = solvers.cg(lambda v: A @ v, b, 0.0, max_iter=5, fixed_iterations=True)
+    assert fixed.negative_curvature and not fixed.converged
+    # Damping that makes the matrix positive definite fixes it.
+    assert solvers.cg(lambda v: A @ v, b, 2.5, tol=1e-12).converged
+
+
+def test_lissa_meets_its_stated_tolerance():
+    A, b = _spd_problem(n=20)
+    damping, scale = 0.5, 12.0  # eigenvalues of A + λI lie in [0.51, 10.5] < scale
+    mu = 0.01 + damping
+    depth = 400
+    bound = (1 - mu / scale) ** depth  # stated relative error bound
+    want = torch.linalg.solve(A + damping * torch.eye(20, dtype=A.dtype), b)
+    res = solvers.lissa(lambda v, idx=None: A @ v, b, damping, scale=scale, depth=depth)
+    assert rel(res.x, want) <= bound
+    assert bound < 1e-3  # the test asks for a meaningful accuracy
+
+
+def test_lissa_stochastic_averages_batches(mlp):
+    model, train, val, obj, space = mlp
+    op = mftx.Curvature(model, space, train, obj, curvature="ggn")
+    b = torch.randn(space.numel, dtype=torch.float64)
+    res = solvers.lissa(op.matvec, b, 1.0, scale=20.0, depth=50, repeats=2, n_batches=len(train))
+    assert res.n_matvec == 100 and torch.isfinite(res.x).all()
+
+
+def test_lissa_divergence_is_detected():
+    A, b = _spd_problem(n=10)
+    with pytest.raises(mftx.SolverDivergedError, match="scale"):
+        solvers.lissa(lambda v: A @ v, b, 0.0, scale=1.0, depth=500)
+
+
+def test_explicit_refuses_large_problems():
+    with pytest.raises(ValueError, match="limited to 100 parameters"):
+        solvers.explicit(lambda v: v, torch.ones(101), 0.0, max_size=100)
+
+
+# ---------------------------------------------------------------- methods
+
+
+@pytest.mark.parametrize("solver", ["cg", "explicit"])
+def test_influence_equals_independent_solve(bert, bert_dense, solver):
+    model, train, val, space = bert
+    damping = 2.0 * max(0.0, -float(torch.linalg.eigvalsh(bert_dense).min())) + 0.05
+    theta = space.flatten(space.detached())
+    g_val = torch.func.grad(mean_loss_fn(model, space, val, None))(theta).detach()
+    n = space.numel
+    s = torch.linalg.solve(bert_dense + damping * torch.eye(n, dtype=theta.dtype), g_val)
+    want = -theta * s
+    got = mftx.score(
+        model, train, val, method="influence", params=space, solver=solver, damping=damping,
+        tol=1e-12, max_iter=2000, progress=False,
+    )  # fmt: skip
+    assert rel(space.flatten([got.scores[n] for n in space.names]), want) < 1e-8
+    assert got.stats["solver"]["solver"] == solver
+    # Flagged = beneficial = I < 0, most negative first.
+    flagged = got.flagged()
+    assert len(flagged) == int((want < 0).sum())
+    assert (flagged.value < 0).all() and (flagged.value[:-1] <= flagged.value[1:]).all()
+
+
+def test_influence_with_lissa_is_close(mlp):
+    model, train, val, obj, space = mlp
+    kw = dict(method="influence", params=space, loss_fn=obj, curvature="ggn", damping=0.5,
+              progress=False)  # fmt: skip
+    ref = mftx.score(model, train, val, solver="explicit", **kw)
+    got = mftx.score(model, train, val, solver="lissa", lissa_scale=5.0, lissa_depth=600,
+                     tol=1e-12, **kw)  # fmt: skip
+    a = torch.cat([got.scores[n].reshape(-1) for n in got.names])
+    b = torch.cat([ref.scores[n].reshape(-1) for n in ref.names])
+    assert rel(a, b) < 1e-6
+
+
+def test_gradient_rule_matches_direct_evaluation(bert):
+    model, train, val, space = bert
+    lr = 0.05
+    theta = space.flatten(space.detached())
+    g = torch.func.grad(mean_loss_fn(model, space, train, None))(theta).detach()
+    want = theta.abs() - (theta - lr * g).abs()
+    got = mftx.score(model, train, None, method="gradient", params=space, lr=lr, progress=False)
+    flat = space.flatten([got.scores[n] for n in space.names])
+    assert rel(flat, want) < 1e-12
+    flagged = got.flagged()
+    assert len(flagged) == int((want > 0).sum()) == got.stats["flagged"]
+    # The flagged set is exactly "moving toward zero".
+    moving = set(((theta - lr * g).abs() < theta.abs()).nonzero().squeeze(1).tolist())
+    ends = torch.tensor(space.numels).cumsum(0) - torch.tensor(space.numels)
+    got_set = {int(ends[t]) + f for t, f, _ in flagged}
+    assert got_set == moving
+
+
+def _zeroing_deltas(model, space, val, indices):
+    f = mean_loss_fn(model, space, val, None)
+    theta = space.flatten(space.detached())
+    with torch.no_grad():
+        base = f(theta)
+        out = []
+        for i in indices:
+            t = theta.clone()
+            t[i] = 0
+            out.append(float(f(t) - base))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def test_taylor_and_obd_match_finite_differences(bert):
+    model, train, val, space = bert
+    theta = space.flatten(space.detached())
+    f = mean_loss_fn(model, space, val, None)
+    H = hessian(f)(theta).detach()
+    idx = torch.argsort(theta.abs(), descending=True)[:40].tolist()  # the ones that matter most
+    actual = _zeroing_deltas(model, space, val, idx)
+    taylor = mftx.score(model, None, val, method="taylor", params=space, progress=False)
+    obd = mftx.score(model, None, val, method="obd", params=space, probes=0, progress=False)
+    t = space.flatten([taylor.scores[n] for n in space.names])[idx]
+    o = space.flatten([obd.scores[n] for n in space.names])[idx]
+    th = theta[idx]
+    # Taylor's error is the second-order term ½ H_ii θ_i², up to third order.
+    second = 0.5 * H.diagonal()[idx] * th**2
+    third_scale = th.abs() ** 3
+    c3 = float(((actual - t - second).abs() / third_scale).max())
+    assert c3 < 10.0  # the remainder really is third order
+    # OBD carries that second-order term: its error is the third-order remainder.
+    torch.testing.assert_close(o, t + second, rtol=1e-10, atol=1e-14)
+    assert float((actual - o).abs().median()) < 0.5 * float((actual - t).abs().median())
+
+
+def test_hutchinson_diagonal_is_unbiased(mlp, mlp_dense):
+    model, train, val, obj, space = mlp
+    from mftx.scoring import hutchinson_diagonal
+
+    op = mftx.Curvature(model, space, train, obj)
+    est = hutchinson_diagonal(op, probes=1000, seed=0)
+    assert rel(est, mlp_dense.diagonal()) < 0.15
+
+
+def test_magnitude_ranks_smallest_first(mlp):
+    model, train, val, obj, space = mlp
+    s = mftx.score(model, method="magnitude", params=space, progress=False)
+    c = s.candidates(5)
+    theta = space.flatten(space.detached()).abs()
+    assert torch.equal(c.value.double(), theta.sort().values[:5].float().double())
+    with pytest.raises(ValueError, match="flags none"):
+        s.flagged()
+
+
+def test_scores_save_load_roundtrip(tmp_path, mlp):
+    model, train, val, obj, space = mlp
+    s = mftx.score(model, train, val, method="influence", params=space, loss_fn=obj,
+                   damping=1.0, progress=False)  # fmt: skip
+    path = s.save(tmp_path / "scores.safetensors")
+    back = mftx.Scores.load(path)
+    assert back.method == "influence" and back.names == s.names
+    for n in s.names:
+        assert torch.equal(back.scores[n], s.scores[n])
+    assert back.config["damping"] == 1.0
+    assert back.stats["solver"]["iterations"] == s.stats["solver"]["iterations"]
+    assert back.candidates(7).equal(s.candidates(7))
+    assert back.flagged().equal(s.flagged())
+
+
+def test_scores_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no scores file"):
+        mftx.Scores.load(tmp_path / "missing.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not mftx scores"):
+        mftx.Scores.load(tmp_path / "other.safetensors")
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_bad_inputs_fail_before_work(mlp):
+    model, train, val, obj, space = mlp
+    kw = dict(params=space, loss_fn=obj, progress=False)
+    with pytest.raises(ValueError, match="train is empty"):
+        mftx.score(model, [], val, **kw)
+    with pytest.raises(ValueError, match="val is empty"):
+        mftx.score(model, train, iter([]), **kw)
+    with pytest.raises(ValueError, match="no 'labels'"):
+        mftx.score(model, train, [{"x": val[0]["x"]}], **kw)
+    with pytest.raises(ValueError, match="damping"):
+        mftx.score(model, train, val, damping=-1.0, **kw)
+    with pytest.raises(ValueError, match="limited to 10 parameters"):
+        mftx.score(model, train, val, solver="explicit", max_explicit=10, **kw)
+    with pytest.raises(ValueError, match="method must be one of"):
+        mftx.score(model, train, val, method="nope", **kw)
+    with pytest.raises(TypeError, match="unknown option"):
+        mftx.score(model, train, val, dampnig=1.0, **kw)
+
+
+def test_frozen_parameters_are_reported(mlp):
+    model, train, val, obj, _ = mlp
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    model[0].weight.requires_grad_(False)
+    space = mftx.select_params(model, exclude=None)
+    with pytest.raises(ValueError, match=r"without grad.*0\.weight"):
+        mftx.score(model, train, val, params=space, loss_fn=obj, progress=False)
+
+
+def test_nan_loss_is_reported(mlp):
+    model, train, val, obj, space = mlp
+    bad = [dict(train[0], x=train[0]["x"].clone())]
+    bad[0]["x"][0, 0] = float("nan")
+    with pytest.raises(mftx.NonFiniteError, match="training loss is nan on batch 0"):
+        mftx.score(model, bad, val, method="gradient", params=space, loss_fn=obj, progress=False)
+
+
+def test_nan_in_hvp_is_reported(mlp):
+    model, train, val, obj, space = mlp
+
+    def loss(m, b):  # finite loss, but its curvature overflows
+        return obj(m, b) + 1e200 * (m[0].weight ** 4).sum() * 1e200
+
+    objective = mftx.Objective(lambda m, b: m(b["x"]), lambda z, b: F.cross_entropy(z, b["labels"]))
+    with pytest.raises(mftx.NonFiniteError):
+        mftx.Curvature(model, space, train, loss).matvec(
+            torch.ones(space.numel, dtype=torch.float64)
+        )
+    assert objective is not None
+
+
+def test_negative_curvature_in_scoring(bert, bert_dense):
+    model, train, val, space = bert
+    assert float(torch.linalg.eigvalsh(bert_dense).min()) < 0  # an indefinite Hessian
+    with pytest.raises(mftx.NegativeCurvatureError):
+        mftx.score(model, train, val, params=space, damping=0.0, max_iter=500, tol=1e-14,
+                   progress=False)  # fmt: skip
+    s = mftx.score(model, train, val, params=space, damping=0.0, max_iter=500, tol=1e-14,
+                   on_negative_curvature="stop", progress=False)  # fmt: skip
+    assert s.stats["solver"]["negative_curvature"]
