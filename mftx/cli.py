@@ -1,0 +1,292 @@
+"""The `mftx` command: finetune, analyze, report, demo, selfcheck.
+
+Every command logs to a file in its output directory, shows progress bars on
+long loops and exits non-zero with a one-line reason on error (``--debug``
+prints the traceback instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+__all__ = ["main"]
+
+log = logging.getLogger("mftx")
+
+
+def _floats(text: str) -> List[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _ints(text: str) -> List[int]:
+    try:
+        return [int(x.replace("_", "")) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _words(text: str) -> List[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _optional_int(text: str) -> Optional[int]:
+    return None if text.lower() in ("none", "all") else int(text)
+
+
+def _setup_logging(out: Path, name: str, verbose: bool) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.log"
+    root = logging.getLogger("mftx")
+    root.setLevel(logging.DEBUG)
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    fh = logging.FileHandler(path)
+    fh.setLevel(logging.DEBUG)
+    fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    sh = logging.StreamHandler(sys.stderr)
+    sh.setLevel(logging.INFO if verbose else logging.WARNING)
+    sh.setFormatter(logging.Formatter("mftx: %(message)s"))
+    root.addHandler(fh)
+    root.addHandler(sh)
+    root.propagate = False
+    log.info("mftx %s", " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    return path
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .experiments import FinetuneConfig, describe_finetune, finetune
+
+    cfg = FinetuneConfig(
+        model=args.model, data=args.data, train_size=args.train_size, batch_size=args.batch_size,
+        lr=args.lr, weight_decay=args.weight_decay, epochs=args.epochs,
+        max_length=args.max_length, targets=args.targets, eval_every=args.eval_every,
+        seed=args.seed, progress=not args.no_progress,
+    )  # fmt: skip
+    _setup_logging(Path(args.out), "finetune", args.verbose)
+    summary = finetune(cfg, Path(args.out), force=args.force)
+    print(describe_finetune(summary))
+    return 0
+
+
+def _analyze_config(args: argparse.Namespace):
+    from .experiments import AnalyzeConfig
+
+    return AnalyzeConfig(
+        data=args.data, train_size=args.train_size, seed=args.seed, methods=args.methods,
+        ks=args.ks, batch_size=args.batch_size, lr=args.lr, damping=args.damping,
+        curvature=args.curvature, solver=args.solver, max_iter=args.max_iter, tol=args.tol,
+        hvp_batches=args.hvp_batches, hvp_mode=args.hvp_mode,
+        cache_graphs=not args.no_cache_graphs, fidelity_samples=args.fidelity_samples,
+        fidelity_dtype=args.fidelity_dtype, progress=not args.no_progress,
+    )  # fmt: skip
+
+
+def _expand_checkpoints(paths: Sequence[str]) -> List[Path]:
+    from .experiments import checkpoints_of
+
+    out: List[Path] = []
+    for p in paths:
+        path = Path(p)
+        if not path.exists():
+            raise FileNotFoundError(f"no checkpoint at {path}")
+        if (path / "finetune.json").is_file() and not (path / "config.json").is_file():
+            found = checkpoints_of(path)
+            if not found:
+                raise ValueError(f"{path}: the fine-tuning run saved no checkpoint")
+            out.extend(found)
+        else:
+            out.append(path)
+    return out
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from .experiments import analyze
+    from .report import format_tables, load_run
+
+    cfg = _analyze_config(args)
+    cfg.validate()
+    ckpts = _expand_checkpoints(args.checkpoints)
+    _setup_logging(Path(args.out), "analyze", args.verbose)
+    command = "mftx " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    analyze(ckpts, cfg, Path(args.out), force=args.force, command=command)
+    print(format_tables(load_run(Path(args.out))))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import format_tables, load_run, write_report
+
+    path = write_report(Path(args.run_dir), Path(args.out) if args.out else None)
+    print(format_tables(load_run(Path(args.run_dir))))
+    print(f"\nreport written to {path}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .experiments import AnalyzeConfig, FinetuneConfig, analyze, checkpoints_of
+    from .experiments import describe_finetune, finetune
+    from .report import format_tables, load_run, write_report
+
+    out = Path(args.out)
+    _setup_logging(out, "demo", args.verbose)
+    t0 = time.perf_counter()
+    print(
+        "mftx demo: fine-tune all-MiniLM-L6-v2 on 1,000 SST-2 rows to the reference targets "
+        f"(at most {args.epochs} epochs), then score, mask and report.\n"
+        "To fit in ~15 minutes on a 2-core CPU it subsamples: HVPs on "
+        f"{args.hvp_batches} training batches, CG capped at {args.max_iter} iterations, "
+        f"k in {args.ks}, fidelity on {args.fidelity_samples} parameters. "
+        "The full experiment: see README (docs/results)."
+    )
+    ft = FinetuneConfig(
+        data=args.data, epochs=args.epochs, eval_every=args.eval_every, seed=args.seed,
+        progress=not args.no_progress,
+    )  # fmt: skip
+    summary = finetune(ft, out / "finetune", force=args.force)
+    print(describe_finetune(summary))
+    ckpts = checkpoints_of(out / "finetune")
+    if not ckpts:
+        print("no accuracy target was reached: nothing to analyse")
+        return 1
+    cfg = AnalyzeConfig(
+        data=args.data, ks=args.ks, hvp_batches=args.hvp_batches, max_iter=args.max_iter,
+        fidelity_samples=args.fidelity_samples, fidelity_dtype="float32",
+        progress=not args.no_progress,
+    )  # fmt: skip
+    command = "mftx " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    analyze(ckpts, cfg, out / "analysis", force=args.force, command=command)
+    path = write_report(out / "analysis")
+    print(format_tables(load_run(out / "analysis")))
+    print(f"\nreport: {path}  ({(time.perf_counter() - t0) / 60:.1f} min)")
+    return 0
+
+
+def cmd_selfcheck(args: argparse.Namespace) -> int:
+    from .selfcheck import run
+
+    return run(size=args.size)
+
+
+# ---------------------------------------------------------------- parser
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("-v", "--verbose", action="store_true", help="log INFO messages to stderr")
+    p.add_argument("--debug", action="store_true", help="print tracebacks on error")
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data", default=os.environ.get("MFTX_DATA"),
+        help="directory with SST-2 train.tsv and dev.tsv (default: $MFTX_DATA, else the hub)",
+    )  # fmt: skip
+    p.add_argument("--train-size", type=_optional_int, default=1000, help="training rows ('all': every row)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .experiments import DEFAULT_KS, DEFAULT_TARGETS
+
+    parser = argparse.ArgumentParser(
+        prog="mftx", description="Mask fine-tuning of transformer classifiers."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("finetune", help="fine-tune and save a checkpoint per accuracy target")
+    p.add_argument("--model", default="minilm", help="model name or path ('minilm': embedded)")
+    _data_args(p)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=2e-5)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--epochs", type=int, default=6, help="maximum epochs")
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--targets", type=_floats, default=list(DEFAULT_TARGETS), help="dev-accuracy targets")
+    p.add_argument("--eval-every", type=int, default=4, help="evaluate every N steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--force", action="store_true", help="redo a completed run")
+    _common(p)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("analyze", help="score, mask and compare methods on checkpoints")
+    p.add_argument("checkpoints", nargs="+", help="checkpoint directories or a finetune --out directory")
+    _data_args(p)
+    p.add_argument("--seed", type=int, default=None, help="data seed (default: the checkpoint's)")
+    p.add_argument("--methods", type=_words, default=["gradient", "influence"])
+    p.add_argument("--ks", type=_ints, default=list(DEFAULT_KS), help="top-k grid")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=2e-5, help="lr of the gradient rule")
+    p.add_argument("--damping", type=float, default=0.01)
+    p.add_argument("--curvature", choices=["hessian", "ggn"], default="hessian")
+    p.add_argument("--solver", choices=["cg", "lissa", "explicit"], default="cg")
+    p.add_argument("--max-iter", type=int, default=100, help="CG iteration cap")
+    p.add_argument("--tol", type=float, default=1e-6)
+    p.add_argument("--hvp-batches", type=_optional_int, default=None, help="training batches for HVPs")
+    p.add_argument("--hvp-mode", choices=["rev-rev", "fwd-rev", "double-backward"], default="double-backward")
+    p.add_argument("--no-cache-graphs", action="store_true", help="recompute first-order graphs")
+    p.add_argument("--fidelity-samples", type=int, default=500)
+    p.add_argument("--fidelity-dtype", choices=["float64", "float32"], default="float64")
+    p.add_argument("--out", required=True)
+    p.add_argument("--force", action="store_true", help="recompute what is on disk")
+    _common(p)
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("report", help="tables, CSV/JSON and plots of an analysis run")
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None, help="default: RUN_DIR/report")
+    _common(p)
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("demo", help="the whole experiment on the embedded model, subsampled")
+    p.add_argument("--data", default=os.environ.get("MFTX_DATA"))
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--eval-every", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ks", type=_ints, default=[100, 1000, 5000, 10000, 100000])
+    p.add_argument("--hvp-batches", type=int, default=4)
+    p.add_argument("--max-iter", type=int, default=20)
+    p.add_argument("--fidelity-samples", type=int, default=40)
+    p.add_argument("--force", action="store_true")
+    _common(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("selfcheck", help="run every op on both paths and print timings")
+    p.add_argument("--size", type=int, default=4_000_000, help="number of scores")
+    _common(p)
+    p.set_defaults(func=cmd_selfcheck)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("mftx: interrupted (rerun the same command to resume)", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"mftx {args.command}: error: {msg}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
