@@ -25,14 +25,18 @@ def _floats(text: str) -> List[float]:
     try:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
 
 
 def _ints(text: str) -> List[int]:
     try:
         return [int(x.replace("_", "")) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
 
 
 def _words(text: str) -> List[str]:
@@ -136,8 +140,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .experiments import AnalyzeConfig, FinetuneConfig, analyze, checkpoints_of
-    from .experiments import describe_finetune, finetune
+    from .experiments import (
+        AnalyzeConfig,
+        FinetuneConfig,
+        analyze,
+        checkpoints_of,
+        describe_finetune,
+        finetune,
+    )
     from .report import format_tables, load_run, write_report
 
     out = Path(args.out)
@@ -194,7 +204,9 @@ def _data_args(p: argparse.ArgumentParser) -> None:
         "--data", default=os.environ.get("MFTX_DATA"),
         help="directory with SST-2 train.tsv and dev.tsv (default: $MFTX_DATA, else the hub)",
     )  # fmt: skip
-    p.add_argument("--train-size", type=_optional_int, default=1000, help="training rows ('all': every row)")
+    p.add_argument(
+        "--train-size", type=_optional_int, default=1000, help="training rows ('all': every row)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -213,7 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--epochs", type=int, default=6, help="maximum epochs")
     p.add_argument("--max-length", type=int, default=64)
-    p.add_argument("--targets", type=_floats, default=list(DEFAULT_TARGETS), help="dev-accuracy targets")
+    p.add_argument(
+        "--targets", type=_floats, default=list(DEFAULT_TARGETS), help="dev-accuracy targets"
+    )
     p.add_argument("--eval-every", type=int, default=4, help="evaluate every N steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output directory")
@@ -222,7 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("analyze", help="score, mask and compare methods on checkpoints")
-    p.add_argument("checkpoints", nargs="+", help="checkpoint directories or a finetune --out directory")
+    p.add_argument(
+        "checkpoints", nargs="+", help="checkpoint directories or a finetune --out directory"
+    )
     _data_args(p)
     p.add_argument("--seed", type=int, default=None, help="data seed (default: the checkpoint's)")
     p.add_argument("--methods", type=_words, default=["gradient", "influence"])
@@ -234,8 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--solver", choices=["cg", "lissa", "explicit"], default="cg")
     p.add_argument("--max-iter", type=int, default=100, help="CG iteration cap")
     p.add_argument("--tol", type=float, default=1e-6)
-    p.add_argument("--hvp-batches", type=_optional_int, default=None, help="training batches for HVPs")
-    p.add_argument("--hvp-mode", choices=["rev-rev", "fwd-rev", "double-backward"], default="double-backward")
+    p.add_argument(
+        "--hvp-batches", type=_optional_int, default=None, help="training batches for HVPs"
+    )
+    p.add_argument(
+        "--hvp-mode", choices=["rev-rev", "fwd-rev", "double-backward"], default="double-backward"
+    )
     p.add_argument("--no-cache-graphs", action="store_true", help="recompute first-order graphs")
     p.add_argument("--fidelity-samples", type=int, default=500)
     p.add_argument("--fidelity-dtype", choices=["float64", "float32"], default="float64")
@@ -289,4 +309,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

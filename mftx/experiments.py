@@ -150,7 +150,11 @@ def finetune(cfg: FinetuneConfig, out: Path, force: bool = False) -> Dict[str, A
         entry = {"step": step, "epoch": epoch, **m, "seconds": time.perf_counter() - t0}
         summary["history"].append(entry)
         log.info("step %d: dev accuracy %.4f, loss %.4f", step, m["accuracy"], m["loss"])
-        hit = [t for t in targets if not summary["targets"][f"{t:.2f}"]["reached"] and m["accuracy"] >= t]
+        hit = [
+            t
+            for t in targets
+            if not summary["targets"][f"{t:.2f}"]["reached"] and m["accuracy"] >= t
+        ]
         if hit:
             name = target_name(hit[0])
             meta = {
@@ -241,7 +245,9 @@ class AnalyzeConfig:
     methods: Sequence[str] = _help(
         "scoring methods", default_factory=lambda: ["gradient", "influence"]
     )
-    ks: Sequence[int] = _help("top-k grid of the masking sweep", default_factory=lambda: list(DEFAULT_KS))
+    ks: Sequence[int] = _help(
+        "top-k grid of the masking sweep", default_factory=lambda: list(DEFAULT_KS)
+    )
     batch_size: int = _help("training batch size for gradients and HVPs", 16)
     eval_batch_size: int = _help("dev batch size for evaluation and validation gradients", 64)
     max_length: int = _help("token truncation length", 64)
@@ -251,7 +257,9 @@ class AnalyzeConfig:
     solver: str = _help("cg | lissa | explicit", "cg")
     max_iter: int = _help("CG iteration cap", 100)
     tol: float = _help("CG relative residual tolerance", 1e-6)
-    hvp_batches: Optional[int] = _help("training batches used for HVPs (seeded subsample; None: all)")
+    hvp_batches: Optional[int] = _help(
+        "training batches used for HVPs (seeded subsample; None: all)"
+    )
     hvp_mode: str = _help("rev-rev | fwd-rev | double-backward", "double-backward")
     cache_graphs: bool = _help("double-backward: reuse each batch's first-order graph", True)
     on_negative_curvature: str = _help("raise | stop", "stop")
@@ -299,11 +307,15 @@ class _Checkpoint:
         self.out.mkdir(parents=True, exist_ok=True)
         self.model, self.tok = load_classifier(str(self.path))
         seed = cfg.seed if cfg.seed is not None else int(self.meta.get("seed", 0))
-        data = load_sst2(cfg.data, cfg.train_size, seed, tokenizer=self.tok, max_length=cfg.max_length)
+        data = load_sst2(
+            cfg.data, cfg.train_size, seed, tokenizer=self.tok, max_length=cfg.max_length
+        )
         self.data = data
         self.train = data.train_batches(cfg.batch_size, shuffle=True, seed=seed)
         dev_sorted = length_sorted(data.dev, self.tok)
-        self.dev = make_batches(dev_sorted, self.tok, cfg.eval_batch_size, max_length=cfg.max_length)
+        self.dev = make_batches(
+            dev_sorted, self.tok, cfg.eval_batch_size, max_length=cfg.max_length
+        )
         self.val = self.dev
 
 
@@ -352,7 +364,7 @@ def analyze(
             }
             write_json(info_path, info)
         scores = {m: _scores(ck, space, m, cfg, force) for m in cfg.methods}
-        for m, s in scores.items():
+        for s in scores.values():
             _sweep(ck, space, s, cfg, info["baseline"], force)
         if "gradient" in scores and "influence" in scores:
             write_json(ck.out / "overlap.json", overlap(scores["gradient"], scores["influence"]))
