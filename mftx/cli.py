@@ -47,24 +47,31 @@ def _optional_int(text: str) -> Optional[int]:
     return None if text.lower() in ("none", "all") else int(text)
 
 
-def _setup_logging(out: Path, name: str, verbose: bool) -> Path:
+def _setup_logging(out: Path, name: str, args: argparse.Namespace) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.log"
     root = logging.getLogger("mftx")
     root.setLevel(logging.DEBUG)
-    for h in list(root.handlers):
-        root.removeHandler(h)
+    _close_logging()
     fh = logging.FileHandler(path)
     fh.setLevel(logging.DEBUG)
     fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     sh = logging.StreamHandler(sys.stderr)
-    sh.setLevel(logging.INFO if verbose else logging.WARNING)
+    sh.setLevel(logging.INFO if args.verbose else logging.WARNING)
     sh.setFormatter(logging.Formatter("mftx: %(message)s"))
     root.addHandler(fh)
     root.addHandler(sh)
     root.propagate = False
-    log.info("mftx %s", " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    log.info("%s", args.command_line)
     return path
+
+
+def _close_logging() -> None:
+    root = logging.getLogger("mftx")
+    for h in list(root.handlers):
+        root.removeHandler(h)
+        h.close()
+    root.propagate = True
 
 
 # ---------------------------------------------------------------- commands
@@ -79,7 +86,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         max_length=args.max_length, targets=args.targets, eval_every=args.eval_every,
         seed=args.seed, progress=not args.no_progress,
     )  # fmt: skip
-    _setup_logging(Path(args.out), "finetune", args.verbose)
+    _setup_logging(Path(args.out), "finetune", args)
     summary = finetune(cfg, Path(args.out), force=args.force)
     print(describe_finetune(summary))
     return 0
@@ -123,8 +130,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     cfg = _analyze_config(args)
     cfg.validate()
     ckpts = _expand_checkpoints(args.checkpoints)
-    _setup_logging(Path(args.out), "analyze", args.verbose)
-    command = "mftx " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    _setup_logging(Path(args.out), "analyze", args)
+    command = args.command_line
     analyze(ckpts, cfg, Path(args.out), force=args.force, command=command)
     print(format_tables(load_run(Path(args.out))))
     return 0
@@ -151,7 +158,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .report import format_tables, load_run, write_report
 
     out = Path(args.out)
-    _setup_logging(out, "demo", args.verbose)
+    _setup_logging(out, "demo", args)
     t0 = time.perf_counter()
     print(
         "mftx demo: fine-tune all-MiniLM-L6-v2 on 1,000 SST-2 rows to the reference targets "
@@ -176,7 +183,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         fidelity_samples=args.fidelity_samples, fidelity_dtype="float32",
         progress=not args.no_progress,
     )  # fmt: skip
-    command = "mftx " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = args.command_line
     analyze(ckpts, cfg, out / "analysis", force=args.force, command=command)
     path = write_report(out / "analysis")
     print(format_tables(load_run(out / "analysis")))
@@ -293,7 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.command_line = "mftx " + " ".join(shlex.quote(a) for a in argv)
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -305,6 +314,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"mftx {args.command}: error: {msg}", file=sys.stderr)
         return 1
+    finally:
+        _close_logging()
 
 
 if __name__ == "__main__":

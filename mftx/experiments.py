@@ -185,7 +185,7 @@ def finetune(cfg: FinetuneConfig, out: Path, force: bool = False) -> Dict[str, A
             loss.backward()
             opt.step()
             step += 1
-            bar.set_postfix(loss=f"{float(loss):.3f}")
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
             if step % cfg.eval_every == 0:
                 done = check(epoch)
                 model.train()

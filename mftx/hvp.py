@@ -24,6 +24,7 @@ Modes (how second derivatives are taken):
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
@@ -174,6 +175,7 @@ class Curvature:
         backend: str = "eager",
         cache_graphs: bool = False,
         check_finite: bool = True,
+        distributed: Optional[bool] = None,
     ):
         if curvature not in CURVATURES:
             raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
@@ -199,16 +201,20 @@ class Curvature:
         self.backend = backend
         self.cache_graphs = cache_graphs
         self.check_finite = check_finite
+        if distributed is None:
+            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.distributed = bool(distributed)
         self.n_matvec = 0
         self.n_batch_products = 0
         self._fn = _Functional(model, space, loss_fn)
         product = (_hessian_product if curvature == "hessian" else _ggn_product)(self._fn, mode)
         grad_fn = grad_and_value(self._fn.loss)
-        if backend == "compile":
-            product = torch.compile(product, dynamic=None)
-            grad_fn = torch.compile(grad_fn, dynamic=None)
+        if backend in ("compile", "openxla"):
+            compile_backend = "inductor" if backend == "compile" else "openxla"
+            product = torch.compile(product, backend=compile_backend, dynamic=None)
+            grad_fn = torch.compile(grad_fn, backend=compile_backend, dynamic=None)
         elif backend != "eager":
-            raise ValueError(f"backend must be 'eager' or 'compile' here, got {backend!r}")
+            raise ValueError(f"backend must be 'eager', 'compile' or 'openxla', got {backend!r}")
         self._product = product
         self._grad = grad_fn
         self._graphs: Dict[int, Tuple[Params, Tuple[torch.Tensor, ...]]] = {}
@@ -219,27 +225,42 @@ class Curvature:
 
     # ------------------------------------------------------------------ gradients
     def gradient(self, batches: Sequence[Any], what: str = "loss") -> Tuple[torch.Tensor, float]:
-        """Weighted mean gradient (flat) and mean loss over `batches`."""
+        """Weighted mean gradient (flat) and mean loss over `batches` (and over ranks)."""
         params = self.params
         total = torch.zeros(self.space.numel, dtype=self.space.dtype, device=self.space.device)
         views = self.space.unflatten(total)
-        n_all, loss_sum = 0, 0.0
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.space.device)
+        n_all = 0
         for i, b in enumerate(batches):
             n = batch_size(b)
             g, loss = self._grad(params, b)
-            if not bool(torch.isfinite(loss)):
+            if self.check_finite and not bool(torch.isfinite(loss)):
                 raise NonFiniteError(f"{what} is {float(loss)} on batch {i}")
             torch._foreach_add_(views, g, alpha=float(n))
+            loss_sum += loss.detach().to(torch.float64) * n
             n_all += n
-            loss_sum += float(loss) * n
+        counts = torch.stack([loss_sum, torch.tensor(float(n_all), dtype=torch.float64, device=loss_sum.device)])
+        total, counts = self._all_reduce(total, counts)
+        n_all = float(counts[1])
         if n_all == 0:
             raise ValueError(f"no samples to compute the {what} gradient on")
         total /= n_all
+        mean_loss = float(counts[0]) / n_all
+        if not math.isfinite(mean_loss):
+            raise NonFiniteError(f"the mean {what} is {mean_loss}")
         if not bool(torch.isfinite(total).all()):
             bad = int((~torch.isfinite(total)).nonzero()[0, 0])
             name, idx = self._where(bad)
             raise NonFiniteError(f"the {what} gradient is not finite at {name}{list(idx)}")
-        return total, loss_sum / n_all
+        return total, mean_loss
+
+    def _all_reduce(self, vec: torch.Tensor, counts: torch.Tensor):
+        """Sums over ranks when torch.distributed is initialised (data-parallel shards)."""
+        if self.distributed:
+            dist = torch.distributed
+            dist.all_reduce(vec, op=dist.ReduceOp.SUM)
+            dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+        return vec, counts
 
     def _where(self, flat: int):
         ends = torch.tensor(self.space.numels).cumsum(0)
@@ -290,6 +311,10 @@ class Curvature:
             torch._foreach_add_(views, list(hv), alpha=float(self.weights[i]))
             n_all += self.weights[i]
             del hv
+        if self.distributed:
+            count = torch.tensor([float(n_all)], dtype=torch.float64, device=out.device)
+            out, count = self._all_reduce(out, count)
+            n_all = float(count[0])
         out /= n_all
         if self.check_finite and not bool(torch.isfinite(out).all()):
             raise NonFiniteError(

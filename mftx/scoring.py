@@ -71,6 +71,9 @@ class ScoreConfig:
     max_explicit: int = _help(
         "largest parameter count the explicit solver accepts", solvers.MAX_EXPLICIT
     )
+    distributed: Optional[bool] = _help(
+        "all-reduce gradients and HVPs over torch.distributed ranks (None: when initialised)", None
+    )
     progress: bool = _help("show tqdm progress bars", True)
 
     def validate(self) -> None:
@@ -211,7 +214,7 @@ def _curvature(model, space, batches, loss_fn, cfg: ScoreConfig) -> Curvature:
     return Curvature(
         model, space, batches, loss_fn, curvature=cfg.curvature, mode=cfg.hvp_mode,
         backend=cfg.backend, cache_graphs=cfg.cache_graphs,
-        check_finite=not cfg.fixed_iterations,
+        check_finite=not cfg.fixed_iterations, distributed=cfg.distributed,
     )  # fmt: skip
 
 
