@@ -206,6 +206,8 @@ class Curvature:
         self.distributed = bool(distributed)
         self.n_matvec = 0
         self.n_batch_products = 0
+        #: Called with the CG state after each iteration (XLA cuts its graph there).
+        self.sync: Optional[Callable[[list], None]] = None
         self._fn = _Functional(model, space, loss_fn)
         product = (_hessian_product if curvature == "hessian" else _ggn_product)(self._fn, mode)
         grad_fn = grad_and_value(self._fn.loss)
@@ -239,7 +241,9 @@ class Curvature:
             torch._foreach_add_(views, g, alpha=float(n))
             loss_sum += loss.detach().to(torch.float64) * n
             n_all += n
-        counts = torch.stack([loss_sum, torch.tensor(float(n_all), dtype=torch.float64, device=loss_sum.device)])
+        counts = torch.stack(
+            [loss_sum, torch.tensor(float(n_all), dtype=torch.float64, device=loss_sum.device)]
+        )
         total, counts = self._all_reduce(total, counts)
         n_all = float(counts[1])
         if n_all == 0:

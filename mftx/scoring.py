@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Callable, Iterable, Optional
 
 import torch
@@ -71,6 +71,9 @@ class ScoreConfig:
     max_explicit: int = _help(
         "largest parameter count the explicit solver accepts", solvers.MAX_EXPLICIT
     )
+    xla_compile: bool = _help(
+        "backend='xla': also torch.compile(backend='openxla') the per-batch HVP", False
+    )
     distributed: Optional[bool] = _help(
         "all-reduce gradients and HVPs over torch.distributed ranks (None: when initialised)", None
     )
@@ -97,6 +100,10 @@ class ScoreConfig:
         if self.probes < 0:
             raise ValueError(f"probes must be >= 0 (0: exact diagonal), got {self.probes}")
         ops._checks.lr_value(self.lr)
+        if self.backend == "xla":
+            from . import xla
+
+            xla.check_config(self)
 
     @classmethod
     def help(cls) -> str:
@@ -170,13 +177,15 @@ def score_with_config(
     loss_fn: Optional[Callable] = None,
 ) -> Scores:
     cfg.validate()
-    if cfg.backend == "xla":
-        from . import xla  # optional dependency: torch_xla
-
-        return xla.score_xla(model, train, val, cfg, params=params, loss_fn=loss_fn)
     need_train, need_val = _needs(cfg.method)
     train_b = _materialise(train, "train", need_train)
     val_b = _materialise(val, "val", need_val)
+    if cfg.backend == "xla":
+        from . import xla  # optional dependency: torch_xla
+
+        xla.require_xla()
+        model, train_b, val_b, params = xla.prepare(model, train_b, val_b, params)
+        cfg = replace(cfg, fixed_iterations=True)
     space = params if params is not None else select_params(model)
     frozen = [n for n, p in space if not p.requires_grad]
     if frozen and cfg.method != "magnitude":
@@ -197,8 +206,15 @@ def score_with_config(
     t0 = time.perf_counter()
     try:
         tensors, stats, fused = _METHODS[cfg.method](model, space, train_b, val_b, loss_fn, cfg)
+    except RuntimeError as exc:
+        if cfg.backend == "xla" and "device_ready_queues_" in str(exc):
+            from . import xla
+
+            raise RuntimeError(xla.ENGINE_HINT) from exc
+        raise
     finally:
         model.train(was_training)
+    tensors = [t.detach().cpu() for t in tensors]
     stats["seconds"] = time.perf_counter() - t0
     stats["analysed"] = space.summary()
     config = asdict(cfg)
@@ -211,11 +227,19 @@ def score_with_config(
 
 
 def _curvature(model, space, batches, loss_fn, cfg: ScoreConfig) -> Curvature:
-    return Curvature(
+    backend = cfg.backend
+    if backend == "xla":
+        backend = "openxla" if cfg.xla_compile else "eager"  # eager here: lazy XLA tensors
+    op = Curvature(
         model, space, batches, loss_fn, curvature=cfg.curvature, mode=cfg.hvp_mode,
-        backend=cfg.backend, cache_graphs=cfg.cache_graphs,
+        backend=backend, cache_graphs=cfg.cache_graphs,
         check_finite=not cfg.fixed_iterations, distributed=cfg.distributed,
     )  # fmt: skip
+    if cfg.backend == "xla":
+        from . import xla
+
+        op.sync = xla.sync_state
+    return op
 
 
 def _gradient(model, space, train, val, loss_fn, cfg):
@@ -227,7 +251,7 @@ def _gradient(model, space, train, val, loss_fn, cfg):
     for p, gi in zip(theta, grads):
         pd = p.to(torch.float64)
         out.append((pd.abs() - (pd - gi.to(torch.float64) * cfg.lr).abs()).to(p.dtype))
-    fused = ops.toward_zero(theta, grads, cfg.lr)
+    fused = ops.toward_zero([t.cpu() for t in theta], [g.cpu() for g in grads], cfg.lr)
     return out, {"train_loss": loss, "flagged": len(fused), "grad_norm": float(g.norm())}, fused
 
 
@@ -258,7 +282,7 @@ def _solve(op: Curvature, b: torch.Tensor, cfg: ScoreConfig) -> solvers.SolveRes
         return solvers.cg(
             op.matvec, b, cfg.damping, tol=cfg.tol, max_iter=cfg.max_iter,
             fixed_iterations=cfg.fixed_iterations, on_negative_curvature=cfg.on_negative_curvature,
-            progress=cfg.progress,
+            progress=cfg.progress, sync=op.sync,
         )  # fmt: skip
     if cfg.solver == "lissa":
         return solvers.lissa(

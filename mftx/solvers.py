@@ -163,6 +163,8 @@ def _cg_fixed(A, b, x, r, p, rs, b_norm, max_iter, progress, sync, t0) -> SolveR
     res = []
     neg = torch.zeros((), dtype=torch.bool, device=b.device)
     zero = torch.zeros((), dtype=b.dtype, device=b.device)
+    if sync is not None:  # materialise the start so that every iteration has the same graph
+        sync([x, r, p, rs, b_norm, neg, zero])
     for _ in tqdm(range(max_iter), desc="cg", disable=not progress, leave=False):
         Ap = A(p)
         pAp = torch.dot(p, Ap)
