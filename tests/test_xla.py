@@ -27,6 +27,12 @@ except ImportError:
 needs_xla = pytest.mark.skipif(not HAS_XLA, reason="torch_xla is not installed (XLA environment)")
 
 
+def test_xla_required_in_the_xla_stage():
+    """CI's XLA stage sets MFTX_REQUIRE_XLA=1: a missing torch_xla must fail, not skip."""
+    if os.environ.get("MFTX_REQUIRE_XLA") == "1":
+        assert HAS_XLA, "MFTX_REQUIRE_XLA=1 but torch_xla did not import"
+
+
 @pytest.fixture(scope="module")
 def problem():
     model, train, val, _ = tiny_bert_problem()
