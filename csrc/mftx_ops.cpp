@@ -11,20 +11,18 @@
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
 
 #ifdef _OPENMP
 #include <omp.h>
-#if defined(__GLIBCXX__)
-#include <parallel/algorithm>
-#define MFTX_GNU_PARALLEL 1
-#endif
 #endif
 
 namespace py = pybind11;
@@ -37,8 +35,31 @@ constexpr int64_t kGrain = 1 << 16;
 
 struct Entry {
   float v;
-  int64_t g;  // global index
+  int32_t t;  // tensor index
+  int64_t g;  // global index: the order of (t, flat index)
 };
+
+// Allocator that default-initialises: large result arrays are not zeroed
+// first, their pages are touched by the (threaded) loops that fill them.
+template <class T>
+struct NoInit : std::allocator<T> {
+  template <class U>
+  struct rebind {
+    using other = NoInit<U>;
+  };
+  NoInit() = default;
+  template <class U>
+  NoInit(const NoInit<U>&) noexcept {}
+  template <class U>
+  void construct(U* p) noexcept {
+    ::new (static_cast<void*>(p)) U;
+  }
+  template <class U, class... A>
+  void construct(U* p, A&&... a) {
+    ::new (static_cast<void*>(p)) U(std::forward<A>(a)...);
+  }
+};
+using Entries = std::vector<Entry, NoInit<Entry>>;
 
 template <bool Largest>
 struct Better {
@@ -123,18 +144,82 @@ void for_segments(const Buffers& b, int64_t lo, int64_t hi, Fn&& fn) {
   }
 }
 
-template <class Cmp>
-void sort_entries(std::vector<Entry>& v, Cmp cmp, int nthreads) {
-#ifdef MFTX_GNU_PARALLEL
-  int nt = threads_for(static_cast<int64_t>(v.size()), nthreads);
-  if (nt > 1) {
-    __gnu_parallel::sort(v.begin(), v.end(), cmp, __gnu_parallel::default_parallel_tag(nt));
+// Unsigned key whose ascending order is rank order: most extreme value first,
+// -0.0 tied with +0.0 (NaN never gets here).
+template <bool Largest>
+inline uint32_t rank_key(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof u);
+  if ((u << 1) == 0) u = 0;                          // -0.0 -> +0.0
+  u = (u >> 31) ? ~u : (u | 0x80000000u);            // unsigned order == float order
+  return Largest ? ~u : u;
+}
+
+// Below this many entries a comparison sort is faster than the radix passes.
+constexpr int64_t kRadixMin = 1 << 12;
+
+// Sorts into rank order: by value, most extreme first, ties by global index
+// ascending (Better<Largest>; the order is total, so every correct sort gives
+// the same permutation). Large inputs take a stable LSD radix sort, 8 bits a
+// pass, threaded: first on the global index (skipped when the entries already
+// come in ascending index order, as gather() produces them), then on the value
+// key. Passes in which every entry has the same digit are skipped.
+template <bool Largest>
+void sort_ranked(Entries& v, bool index_sorted, int nthreads) {
+  const int64_t n = static_cast<int64_t>(v.size());
+  if (n < kRadixMin) {
+    std::sort(v.begin(), v.end(), Better<Largest>());
     return;
   }
-#else
-  (void)nthreads;
-#endif
-  std::sort(v.begin(), v.end(), cmp);
+  Entries tmp(static_cast<size_t>(n));
+  Entry* src = v.data();
+  Entry* dst = tmp.data();
+  const int nt = threads_for(n, nthreads);
+  std::vector<std::array<int64_t, 256>> hist(static_cast<size_t>(nt));
+
+  auto pass = [&](auto digit) {
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+      const int tid = current_thread();
+      auto& h = hist[static_cast<size_t>(tid)];
+      h.fill(0);
+      const int64_t hi = n * (tid + 1) / nt;
+      for (int64_t i = n * tid / nt; i < hi; ++i) ++h[digit(src[i])];
+    }
+    int64_t start = 0;
+    for (int d = 0; d < 256; ++d) {
+      int64_t count = 0;
+      for (int t = 0; t < nt; ++t) count += hist[static_cast<size_t>(t)][d];
+      if (count == n) return;  // one digit for all: nothing moves
+      for (int t = 0; t < nt; ++t) {  // thread t's entries after thread t-1's: stable
+        const int64_t c = hist[static_cast<size_t>(t)][d];
+        hist[static_cast<size_t>(t)][d] = start;
+        start += c;
+      }
+    }
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+      const int tid = current_thread();
+      auto& h = hist[static_cast<size_t>(tid)];
+      const int64_t hi = n * (tid + 1) / nt;
+      for (int64_t i = n * tid / nt; i < hi; ++i) dst[h[digit(src[i])]++] = src[i];
+    }
+    std::swap(src, dst);
+  };
+
+  if (!index_sorted) {
+    int64_t max_g = 0;
+    for (const Entry& e : v) max_g = std::max(max_g, e.g);
+    for (int shift = 0; shift < 64 && (max_g >> shift) != 0; shift += 8) {
+      pass([shift](const Entry& e) { return static_cast<size_t>((e.g >> shift) & 0xff); });
+    }
+  }
+  for (int shift = 0; shift < 32; shift += 8) {
+    pass([shift](const Entry& e) {
+      return static_cast<size_t>((rank_key<Largest>(e.v) >> shift) & 0xffu);
+    });
+  }
+  if (src != v.data()) v.swap(tmp);
 }
 
 constexpr int64_t kNone = std::numeric_limits<int64_t>::max();
@@ -146,7 +231,7 @@ constexpr int64_t kNone = std::numeric_limits<int64_t>::max();
                         ", flat position " + std::to_string(g - b.offsets[t]));
 }
 
-py::tuple to_candidates(const Buffers& b, std::vector<Entry>&& entries, int nthreads) {
+py::tuple to_candidates(const Buffers& b, Entries&& entries, int nthreads) {
   const int64_t m = static_cast<int64_t>(entries.size());
   py::array_t<int64_t> ti(m), fi(m);
   py::array_t<float> val(m);
@@ -155,16 +240,14 @@ py::tuple to_candidates(const Buffers& b, std::vector<Entry>&& entries, int nthr
   float* vp = val.mutable_data();
   const Entry* ep = entries.data();
   const int64_t* off = b.offsets.data();
-  const int64_t T = static_cast<int64_t>(b.data.size());
   {
     py::gil_scoped_release release;
     const int nt = threads_for(m, nthreads);
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
     for (int64_t i = 0; i < m; ++i) {
-      const int64_t g = ep[i].g;
-      const int64_t t = std::upper_bound(off, off + T + 1, g) - off - 1;
+      const int64_t t = ep[i].t;
       tp[i] = t;
-      fp[i] = g - off[t];
+      fp[i] = ep[i].g - off[t];
       vp[i] = ep[i].v;
     }
   }
@@ -174,10 +257,10 @@ py::tuple to_candidates(const Buffers& b, std::vector<Entry>&& entries, int nthr
 // ---------------------------------------------------------------- topk
 
 template <bool Largest>
-std::vector<Entry> topk_impl(const Buffers& b, int64_t k, int nthreads, int64_t& nan_at) {
+Entries topk_impl(const Buffers& b, int64_t k, int nthreads, int64_t& nan_at) {
   const int64_t n = b.total();
   const int nt = threads_for(n, nthreads);
-  std::vector<std::vector<Entry>> bufs(static_cast<size_t>(nt));
+  std::vector<Entries> bufs(static_cast<size_t>(nt));
   std::vector<int64_t> nan_first(static_cast<size_t>(nt), kNone);
   const Better<Largest> better;
   const int64_t cap = k + std::max<int64_t>(k, 4096);
@@ -187,7 +270,7 @@ std::vector<Entry> topk_impl(const Buffers& b, int64_t k, int nthreads, int64_t&
     const int tid = current_thread();
     const int64_t lo = n * tid / nt;
     const int64_t hi = n * (tid + 1) / nt;
-    std::vector<Entry>& buf = bufs[static_cast<size_t>(tid)];
+    Entries& buf = bufs[static_cast<size_t>(tid)];
     int64_t& nan_pos = nan_first[static_cast<size_t>(tid)];
     bool full = false;
     float tau = 0.0f;
@@ -209,12 +292,13 @@ std::vector<Entry> topk_impl(const Buffers& b, int64_t k, int nthreads, int64_t&
             nan_pos = g0 + (i - s);
             return false;
           }
-          buf.push_back(Entry{v, g0 + (i - s)});
+          buf.push_back(Entry{v, static_cast<int32_t>(t), g0 + (i - s)});
           if (static_cast<int64_t>(buf.size()) >= cap) compact();
         }
       }
       return true;
     });
+    if (nan_pos == kNone && static_cast<int64_t>(buf.size()) > k) compact();
   }
   for (int64_t p : nan_first) {
     if (p != kNone) {
@@ -224,17 +308,17 @@ std::vector<Entry> topk_impl(const Buffers& b, int64_t k, int nthreads, int64_t&
   }
   size_t total = 0;
   for (auto& v : bufs) total += v.size();
-  std::vector<Entry> all;
+  Entries all;
   all.reserve(total);
   for (auto& v : bufs) {
     all.insert(all.end(), v.begin(), v.end());
-    std::vector<Entry>().swap(v);
+    Entries().swap(v);
   }
   if (static_cast<int64_t>(all.size()) > k) {
     std::nth_element(all.begin(), all.begin() + (k - 1), all.end(), better);
     all.resize(static_cast<size_t>(k));
   }
-  sort_entries(all, better, nthreads);
+  sort_ranked<Largest>(all, false, nthreads);
   return all;
 }
 
@@ -260,54 +344,88 @@ int64_t first_nan(const Buffers& b, int nthreads) {
   return *std::min_element(firsts.begin(), firsts.end());
 }
 
-py::tuple topk(const py::sequence& arrays, int64_t k, bool largest, int nthreads) {
-  if (k < 0) throw py::value_error("k must be >= 0, got " + std::to_string(k));
-  Buffers b = collect(arrays, "tensors", false);
-  const int64_t kk = std::min(k, b.total());
-  std::vector<Entry> out;
-  int64_t nan_at = kNone;
-  {
-    py::gil_scoped_release release;
-    if (kk == 0) {
-      nan_at = first_nan(b, nthreads);
-    } else if (largest) {
-      out = topk_impl<true>(b, kk, nthreads, nan_at);
-    } else {
-      out = topk_impl<false>(b, kk, nthreads, nan_at);
-    }
-  }
-  if (nan_at != kNone) raise_nan(b, nan_at, "scores");
-  return to_candidates(b, std::move(out), nthreads);
-}
 
 // ---------------------------------------------------------------- select
 
-// Gathers the entries for which keep(v, &value) is true, thread by thread, in
-// global order. pred returns 0 (skip), 1 (keep, value set) or -1 (NaN: stop).
-template <class Pred>
-std::vector<Entry> gather(const Buffers& b, int nthreads, int64_t& nan_at, Pred pred) {
+// Selection rules for gather(). rule.tensor(t) gives an accessor for tensor t
+// with nan(i) (entry i holds a NaN) and keep(i, value) (entry i is selected,
+// with this value; false for NaN).
+template <bool Below>
+struct ThresholdRule {
+  const Buffers& b;
+  float thr;
+  struct Acc {
+    const float* x;
+    float thr;
+    bool nan(int64_t i) const { return x[i] != x[i]; }
+    bool keep(int64_t i, float& value) const {
+      value = x[i];
+      return Below ? value < thr : value > thr;
+    }
+  };
+  Acc tensor(size_t t) const { return Acc{b.data[t], thr}; }
+};
+
+struct TowardZeroRule {
+  const Buffers& p;
+  const Buffers& g;
+  double lr;
+  struct Acc {
+    const float* px;
+    const float* gx;
+    double lr;
+    bool nan(int64_t i) const { return (px[i] != px[i]) | (gx[i] != gx[i]); }
+    bool keep(int64_t i, float& value) const {
+      // In double, exactly as the reference: |p| - |p - lr * g|.
+      const double pd = static_cast<double>(px[i]);
+      const double step = lr * static_cast<double>(gx[i]);
+      const double d = std::fabs(pd) - std::fabs(pd - step);
+      value = static_cast<float>(d);
+      return d > 0.0;
+    }
+  };
+  Acc tensor(size_t t) const { return Acc{p.data[t], g.data[t], lr}; }
+};
+
+// The entries a rule keeps, in ascending global order, in two threaded passes:
+// count per thread (and look for NaN), then write each thread's entries at its
+// offset of one exactly sized array. No growing buffers, no concatenation.
+// On a NaN, nan_at is the global index of the first one and nothing is kept.
+// With limit >= 0, more than limit entries are not written either; *count (if
+// given) says how many there are.
+template <class Rule>
+Entries gather(const Buffers& b, const Rule& rule, int nthreads, int64_t& nan_at,
+               int64_t limit = -1, int64_t* count = nullptr) {
   const int64_t n = b.total();
   const int nt = threads_for(n, nthreads);
-  std::vector<std::vector<Entry>> bufs(static_cast<size_t>(nt));
+  std::vector<int64_t> offset(static_cast<size_t>(nt) + 1, 0);
   std::vector<int64_t> nan_first(static_cast<size_t>(nt), kNone);
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
     const int tid = current_thread();
-    std::vector<Entry>& buf = bufs[static_cast<size_t>(tid)];
+    int64_t count = 0;
     for_segments(b, n * tid / nt, n * (tid + 1) / nt,
                  [&](size_t t, int64_t s, int64_t e, int64_t g0) {
-                   for (int64_t i = s; i < e; ++i) {
-                     float val;
-                     const int r = pred(t, i, &val);
-                     if (r > 0) {
-                       buf.push_back(Entry{val, g0 + (i - s)});
-                     } else if (r < 0) {
-                       nan_first[static_cast<size_t>(tid)] = g0 + (i - s);
-                       return false;
+                   const auto acc = rule.tensor(t);
+                   int64_t c = 0;
+                   unsigned bad = 0;
+                   float value;
+                   for (int64_t i = s; i < e; ++i) {  // branch-free, so it can vectorise
+                     bad |= static_cast<unsigned>(acc.nan(i));
+                     c += static_cast<int64_t>(acc.keep(i, value));
+                   }
+                   if (bad) {
+                     for (int64_t i = s; i < e; ++i) {
+                       if (acc.nan(i)) {
+                         nan_first[static_cast<size_t>(tid)] = g0 + (i - s);
+                         return false;
+                       }
                      }
                    }
+                   count += c;
                    return true;
                  });
+    offset[static_cast<size_t>(tid) + 1] = count;
   }
   for (int64_t p : nan_first) {
     if (p != kNone) {
@@ -315,15 +433,43 @@ std::vector<Entry> gather(const Buffers& b, int nthreads, int64_t& nan_at, Pred 
       return {};
     }
   }
-  size_t total = 0;
-  for (auto& v : bufs) total += v.size();
-  std::vector<Entry> all;
-  all.reserve(total);
-  for (auto& v : bufs) {
-    all.insert(all.end(), v.begin(), v.end());
-    std::vector<Entry>().swap(v);
+  for (int i = 0; i < nt; ++i) offset[static_cast<size_t>(i) + 1] += offset[static_cast<size_t>(i)];
+  if (count != nullptr) *count = offset[static_cast<size_t>(nt)];
+  if (limit >= 0 && offset[static_cast<size_t>(nt)] > limit) return {};
+  Entries out(static_cast<size_t>(offset[static_cast<size_t>(nt)]));
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    const int tid = current_thread();
+    Entry* o = out.data() + offset[static_cast<size_t>(tid)];
+    for_segments(b, n * tid / nt, n * (tid + 1) / nt,
+                 [&](size_t t, int64_t s, int64_t e, int64_t g0) {
+                   const auto acc = rule.tensor(t);
+                   const int32_t t32 = static_cast<int32_t>(t);
+                   constexpr int64_t kBlock = 64;
+                   Entry stage[kBlock];
+                   float value;
+                   for (int64_t i = s; i < e; i += kBlock) {
+                     const int64_t end = std::min(e, i + kBlock);
+                     // Skip blocks without a kept entry (sparse selections).
+                     unsigned any = 0;
+                     for (int64_t j = i; j < end; ++j) {
+                       any |= static_cast<unsigned>(acc.keep(j, value));
+                     }
+                     if (!any) continue;
+                     int64_t m = 0;  // stage the block without branches, then copy it out
+                     for (int64_t j = i; j < end; ++j) {
+                       const bool k = acc.keep(j, value);
+                       stage[m] = Entry{value, t32, g0 + (j - s)};
+                       m += static_cast<int64_t>(k);
+                     }
+                     std::memcpy(static_cast<void*>(o), stage,
+                                 static_cast<size_t>(m) * sizeof(Entry));
+                     o += m;
+                   }
+                   return true;
+                 });
   }
-  return all;
+  return out;
 }
 
 py::tuple select_entries(const py::sequence& arrays, double threshold, bool below, int nthreads) {
@@ -331,30 +477,111 @@ py::tuple select_entries(const py::sequence& arrays, double threshold, bool belo
   Buffers b = collect(arrays, "tensors", false);
   // Compared in float32, as torch compares a float32 tensor with a Python float.
   const float thr = static_cast<float>(threshold);
-  std::vector<Entry> out;
+  Entries out;
   int64_t nan_at = kNone;
   {
     py::gil_scoped_release release;
     if (below) {
-      out = gather(b, nthreads, nan_at, [&](size_t t, int64_t i, float* val) {
-        const float v = b.data[t][i];
-        if (v < thr) {
-          *val = v;
-          return 1;
-        }
-        return v != v ? -1 : 0;
-      });
-      if (nan_at == kNone) sort_entries(out, Better<false>(), nthreads);
+      out = gather(b, ThresholdRule<true>{b, thr}, nthreads, nan_at);
+      if (nan_at == kNone) sort_ranked<false>(out, true, nthreads);
     } else {
-      out = gather(b, nthreads, nan_at, [&](size_t t, int64_t i, float* val) {
+      out = gather(b, ThresholdRule<false>{b, thr}, nthreads, nan_at);
+      if (nan_at == kNone) sort_ranked<true>(out, true, nthreads);
+    }
+  }
+  if (nan_at != kNone) raise_nan(b, nan_at, "scores");
+  return to_candidates(b, std::move(out), nthreads);
+}
+
+// ---------------------------------------------------------------- topk, large k
+
+template <bool Largest>
+struct KeyRule {  // entries whose rank key is at most tau: at least that good
+  const Buffers& b;
+  uint32_t tau;
+  struct Acc {
+    const float* x;
+    uint32_t tau;
+    bool nan(int64_t i) const { return x[i] != x[i]; }
+    bool keep(int64_t i, float& value) const {
+      value = x[i];
+      return rank_key<Largest>(value) <= tau;
+    }
+  };
+  Acc tensor(size_t t) const { return Acc{b.data[t], tau}; }
+};
+
+// From this k on (on inputs of at least 4 * kSampledMinK entries), topk first tries
+// topk_sampled: below it the streaming topk_impl is faster.
+constexpr int64_t kSampledMinK = 1 << 16;
+
+// Large k: guess from a sample a key threshold that about 1.2 k entries pass,
+// gather every entry that good (two streaming passes, ascending index order,
+// so the sort needs only the value passes), sort, keep the first k. Exact
+// whenever between k and 2k + 65536 entries pass; otherwise (an unlucky
+// sample, heavy ties) returns false having written nothing, and the caller
+// falls back to topk_impl. Returns true with nan_at set on a NaN.
+template <bool Largest>
+bool topk_sampled(const Buffers& b, int64_t k, int nthreads, int64_t& nan_at, Entries& out) {
+  const int64_t n = b.total();
+  constexpr int64_t kRuns = 256;
+  constexpr int64_t kRun = 256;  // runs of consecutive entries: cache-friendly
+  std::vector<uint32_t> keys;
+  keys.reserve(static_cast<size_t>(kRuns * kRun));
+  for (int64_t r = 0; r < kRuns; ++r) {
+    const int64_t lo = (n - kRun) * r / (kRuns - 1);
+    for_segments(b, lo, lo + kRun, [&](size_t t, int64_t s, int64_t e, int64_t) {
+      for (int64_t i = s; i < e; ++i) {
         const float v = b.data[t][i];
-        if (v > thr) {
-          *val = v;
-          return 1;
-        }
-        return v != v ? -1 : 0;
-      });
-      if (nan_at == kNone) sort_entries(out, Better<true>(), nthreads);
+        if (v == v) keys.push_back(rank_key<Largest>(v));
+      }
+      return true;
+    });
+  }
+  const double m = static_cast<double>(keys.size());
+  const double expect = static_cast<double>(k) / static_cast<double>(n) * m;
+  const double want = 1.05 * expect + 4.0 * std::sqrt(expect) + 16.0;  // ~4 sigma margin
+  uint32_t tau = 0xffffffffu;  // everything
+  if (want < m) {
+    const auto r = keys.begin() + static_cast<std::ptrdiff_t>(want);
+    std::nth_element(keys.begin(), r, keys.end());
+    tau = *r;
+  }
+  const int64_t limit = 2 * k + (1 << 16);
+  int64_t count = 0;
+  Entries kept = gather(b, KeyRule<Largest>{b, tau}, nthreads, nan_at, limit, &count);
+  if (nan_at != kNone) return true;
+  if (count < k || count > limit) return false;
+  sort_ranked<Largest>(kept, true, nthreads);
+  kept.resize(static_cast<size_t>(k));
+  out = std::move(kept);
+  return true;
+}
+
+template <bool Largest>
+Entries topk_any(const Buffers& b, int64_t k, int nthreads, int64_t& nan_at) {
+  Entries out;
+  if (k >= kSampledMinK && b.total() >= 4 * kSampledMinK &&
+      topk_sampled<Largest>(b, k, nthreads, nan_at, out)) {
+    return out;
+  }
+  return topk_impl<Largest>(b, k, nthreads, nan_at);
+}
+
+py::tuple topk(const py::sequence& arrays, int64_t k, bool largest, int nthreads) {
+  if (k < 0) throw py::value_error("k must be >= 0, got " + std::to_string(k));
+  Buffers b = collect(arrays, "tensors", false);
+  const int64_t kk = std::min(k, b.total());
+  Entries out;
+  int64_t nan_at = kNone;
+  {
+    py::gil_scoped_release release;
+    if (kk == 0) {
+      nan_at = first_nan(b, nthreads);
+    } else if (largest) {
+      out = topk_any<true>(b, kk, nthreads, nan_at);
+    } else {
+      out = topk_any<false>(b, kk, nthreads, nan_at);
     }
   }
   if (nan_at != kNone) raise_nan(b, nan_at, "scores");
@@ -368,25 +595,12 @@ py::tuple toward_zero(const py::sequence& params, const py::sequence& grads, dou
   Buffers p = collect(params, "params", false);
   Buffers g = collect(grads, "grads", false);
   if (p.offsets != g.offsets) throw py::value_error("params and grads differ in sizes");
-  std::vector<Entry> out;
+  Entries out;
   int64_t nan_at = kNone;
   {
     py::gil_scoped_release release;
-    out = gather(p, nthreads, nan_at, [&](size_t t, int64_t i, float* val) {
-      const float pv = p.data[t][i];
-      const float gv = g.data[t][i];
-      if (pv != pv || gv != gv) return -1;
-      // In double, exactly as the reference: |p| - |p - lr * g|.
-      const double pd = static_cast<double>(pv);
-      const double step = lr * static_cast<double>(gv);
-      const double d = std::fabs(pd) - std::fabs(pd - step);
-      if (d > 0.0) {
-        *val = static_cast<float>(d);
-        return 1;
-      }
-      return 0;
-    });
-    if (nan_at == kNone) sort_entries(out, Better<true>(), nthreads);
+    out = gather(p, TowardZeroRule{p, g, lr}, nthreads, nan_at);
+    if (nan_at == kNone) sort_ranked<true>(out, true, nthreads);
   }
   if (nan_at != kNone) {
     const size_t t = static_cast<size_t>(

@@ -37,12 +37,14 @@ if HAS_CPP:
 
 def uses_cpp(tensors: Sequence[torch.Tensor]) -> bool:
     """Whether the compiled kernel takes these tensors (CPU, contiguous, float32)."""
+    # Dynamo cannot trace is_conj()/is_neg() (they return bools, not tensors);
+    # while compiling, fake tensors carry no such lazy bits, so skip them there.
+    tracing = torch.compiler.is_compiling()
     return HAS_CPP and all(
         t.device.type == "cpu"
         and t.dtype == torch.float32
         and t.is_contiguous()
-        and not t.is_conj()
-        and not t.is_neg()
+        and (tracing or not (t.is_conj() or t.is_neg()))
         for t in tensors
     )
 
@@ -101,7 +103,9 @@ def mask_(tensors: Sequence[torch.Tensor], cands: Candidates) -> torch.Tensor:
     if not tensors or len(cands) == 0 or not uses_cpp(tensors):
         return reference.mask_(tensors, cands)
     with torch.no_grad():
-        return _ops.mask_op(tensors, cands.tensor_index, cands.flat_index)
+        # The kernel reads the index buffers directly: hand it contiguous ones
+        # (a Candidates built from strided views is legal).
+        return _ops.mask_op(tensors, cands.tensor_index.contiguous(), cands.flat_index.contiguous())
 
 
 def restore_(tensors: Sequence[torch.Tensor], cands: Candidates, saved: torch.Tensor) -> None:
@@ -115,4 +119,6 @@ def restore_(tensors: Sequence[torch.Tensor], cands: Candidates, saved: torch.Te
     if not tensors or len(cands) == 0 or not uses_cpp(tensors) or not uses_cpp([saved]):
         return reference.restore_(tensors, cands, saved)
     with torch.no_grad():
-        _ops.restore_op(tensors, cands.tensor_index, cands.flat_index, saved)
+        _ops.restore_op(
+            tensors, cands.tensor_index.contiguous(), cands.flat_index.contiguous(), saved
+        )
