@@ -51,7 +51,12 @@ def _layer_list(model: nn.Module) -> Optional[nn.ModuleList]:
     """The transformer block list (encoder.layer for BERT-like models), if found."""
     best = None
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and name.split(".")[-1] in ("layer", "layers", "h", "block"):
+        if isinstance(mod, nn.ModuleList) and name.split(".")[-1] in (
+            "layer",
+            "layers",
+            "h",
+            "block",
+        ):
             if best is None or len(mod) > len(best):
                 best = mod
     return best
@@ -118,9 +123,7 @@ class ZeroingEvaluator:
 
     def delta(self, tensor_index: int, flat_index: int) -> float:
         """L_val(θ with entry zeroed) − L_val(θ)."""
-        c = Candidates(
-            torch.tensor([tensor_index]), torch.tensor([flat_index]), torch.zeros(1)
-        )
+        c = Candidates(torch.tensor([tensor_index]), torch.tensor([flat_index]), torch.zeros(1))
         saved = ops.mask_(self.params, c)
         try:
             return self._loss(start=self.block_of[tensor_index]) - self.base

@@ -269,8 +269,9 @@ class AnalyzeConfig:
 
     def validate(self) -> None:
         for m in self.methods:
-            if m not in METHODS:
-                raise ValueError(f"unknown method {m!r}; one of {sorted(METHODS)}")
+            parse_method(m)
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods repeat: {list(self.methods)}")
         if not self.methods:
             raise ValueError("no methods given")
         masking.check_ks(list(self.ks))
@@ -279,14 +280,34 @@ class AnalyzeConfig:
         if self.fidelity_dtype not in ("float64", "float32"):
             raise ValueError("fidelity_dtype must be float64 or float32")
 
-    def score_config(self, method: str) -> ScoreConfig:
+    def score_config(self, label: str) -> ScoreConfig:
+        method, curvature = parse_method(label)
         return ScoreConfig(
-            method=method, solver=self.solver, curvature=self.curvature, damping=self.damping,
+            method=method, solver=self.solver, curvature=curvature or self.curvature,
+            damping=self.damping,
             max_iter=self.max_iter, tol=self.tol, lr=self.lr, hvp_mode=self.hvp_mode,
             cache_graphs=self.cache_graphs and self.hvp_mode == "double-backward",
             hvp_batches=self.hvp_batches, on_negative_curvature=self.on_negative_curvature,
             progress=self.progress,
         )  # fmt: skip
+
+
+def parse_method(label: str):
+    """'influence' -> ('influence', None); 'influence-ggn' -> ('influence', 'ggn').
+
+    A suffix names the curvature for that method only, so one analysis can
+    compare influence through the Hessian and through the GGN.
+    """
+    from .hvp import CURVATURES
+
+    method, _, variant = label.partition("-")
+    if method not in METHODS:
+        raise ValueError(
+            f"unknown method {label!r}; one of {sorted(METHODS)} (optionally -hessian/-ggn)"
+        )
+    if variant and variant not in CURVATURES:
+        raise ValueError(f"unknown variant {variant!r} in {label!r}; one of {CURVATURES}")
+    return method, variant or None
 
 
 # Config fields that change scores: a mismatch with scores on disk needs --force.
@@ -364,10 +385,13 @@ def analyze(
             }
             write_json(info_path, info)
         scores = {m: _scores(ck, space, m, cfg, force) for m in cfg.methods}
-        for s in scores.values():
-            _sweep(ck, space, s, cfg, info["baseline"], force)
-        if "gradient" in scores and "influence" in scores:
-            write_json(ck.out / "overlap.json", overlap(scores["gradient"], scores["influence"]))
+        for label, s in scores.items():
+            _sweep(ck, space, label, s, cfg, info["baseline"], force)
+        infl = [m for m in scores if parse_method(m)[0] == "influence"]
+        if "gradient" in scores and infl:
+            first = "influence" if "influence" in infl else infl[0]
+            ov = {**overlap(scores["gradient"], scores[first]), "influence_method": first}
+            write_json(ck.out / "overlap.json", ov)
         if cfg.fidelity_samples > 0:
             _fidelity(ck, space, scores, cfg, force)
         del ck
@@ -376,7 +400,7 @@ def analyze(
 
 def _scores(ck: _Checkpoint, space, method: str, cfg: AnalyzeConfig, force: bool) -> Scores:
     path = ck.out / f"scores-{method}.safetensors"
-    scfg = cfg.score_config(method)
+    scfg = cfg.score_config(method)  # method: a label such as 'influence-ggn'
     if path.exists() and not force:
         s = Scores.load(path)
         want = {**asdict(scfg), "n_train_batches": len(ck.train), "n_val_batches": len(ck.val)}
@@ -405,14 +429,14 @@ def _brief(s: Scores) -> str:
     )
 
 
-def _sweep(ck, space, s: Scores, cfg: AnalyzeConfig, baseline, force: bool) -> None:
-    path = ck.out / f"sweep-{s.method}.json"
+def _sweep(ck, space, label: str, s: Scores, cfg: AnalyzeConfig, baseline, force: bool) -> None:
+    path = ck.out / f"sweep-{label}.json"
     done = {}
     if path.exists() and not force:
         prev = read_json(path)
         done = {p["k"]: p for p in prev.get("points", [])}
     ks = masking.check_ks(list(cfg.ks))
-    record = {"method": s.method, "baseline": baseline, "points": [], "restored_bitwise": None}
+    record = {"method": label, "baseline": baseline, "points": [], "restored_bitwise": None}
 
     def save(point):
         done[point["k"]] = point
@@ -422,7 +446,7 @@ def _sweep(ck, space, s: Scores, cfg: AnalyzeConfig, baseline, force: bool) -> N
     cands = s.candidates(max(ks))
     points = masking.sweep(
         space, cands, ks, lambda: evaluate(ck.model, ck.dev), done=done, on_point=save,
-        progress=cfg.progress, desc=f"{ck.name} {s.method} sweep",
+        progress=cfg.progress, desc=f"{ck.name} {label} sweep",
     )  # fmt: skip
     record["points"] = points
     record["restored_bitwise"] = True  # sweep raises otherwise
@@ -466,7 +490,7 @@ def _fidelity(ck, space, scores: Dict[str, Scores], cfg: AnalyzeConfig, force: b
     from .report import pearson, spearman
 
     path = ck.out / "fidelity.json"
-    methods = [m for m in scores if m != "magnitude"]
+    methods = [m for m in scores if scores[m].method != "magnitude"]
     numels = list(space.numels)
     n = cfg.fidelity_samples
     prev = read_json(path) if path.exists() and not force else {}

@@ -543,9 +543,17 @@ def spearman(x: Any, y: Any) -> float:
 
 
 def order_methods(methods: Any) -> List[str]:
-    """Methods in table order: influence, gradient, taylor, obd, magnitude, then others."""
-    known = [m for m in METHOD_ORDER if m in methods]
-    return known + sorted(m for m in methods if m not in METHOD_ORDER)
+    """Methods in table order: influence, gradient, taylor, obd, magnitude, then others.
+
+    Variants (``influence-ggn``) follow their base method.
+    """
+
+    def key(m: str):
+        base = m.split("-", 1)[0]
+        rank = METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER)
+        return (rank, m != base, m)
+
+    return sorted(set(methods), key=key)
 
 
 def best_point(points: Sequence[SweepPoint]) -> Optional[SweepPoint]:

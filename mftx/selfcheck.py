@@ -36,7 +36,10 @@ def _bert_like(total: int, seed: int) -> List[torch.Tensor]:
 
 
 def run(size: int = 4_000_000) -> int:
-    print(f"mftx.ops: compiled module loaded: {ops.HAS_CPP}" + (f" ({ops.IMPORT_ERROR})" if not ops.HAS_CPP else ""))
+    print(
+        f"mftx.ops: compiled module loaded: {ops.HAS_CPP}"
+        + (f" ({ops.IMPORT_ERROR})" if not ops.HAS_CPP else "")
+    )
     print(f"threads: {ops.get_num_threads()}; scores: {size:,} float32 in BERT-base shapes\n")
     scores = _bert_like(size, 0)
     grads = _bert_like(size, 1)
@@ -55,14 +58,18 @@ def run(size: int = 4_000_000) -> int:
         failures += not same
         tc = _time(lambda call=call: call(ops)) if ops.HAS_CPP else float("nan")
         tr = _time(lambda call=call: call(ops.reference))
-        print(f"{name:<14}{tc * 1e3:>10.2f}ms{tr * 1e3:>10.2f}ms{tr / tc:>9.1f}x  {same} ({len(got):,} entries)")
+        print(
+            f"{name:<14}{tc * 1e3:>10.2f}ms{tr * 1e3:>10.2f}ms{tr / tc:>9.1f}x  {same} ({len(got):,} entries)"
+        )
     cands = ops.topk(scores, k)
     before = [t.clone() for t in scores]
     for path, mod in (("compiled", ops), ("reference", ops.reference)):
         saved = mod.mask_(scores, cands)
         zeroed = all(float(scores[t].view(-1)[f]) == 0 for t, f, _ in cands[:100])
         mod.restore_(scores, cands, saved)
-        exact = all(torch.equal(a.view(torch.int32), b.view(torch.int32)) for a, b in zip(scores, before))
+        exact = all(
+            torch.equal(a.view(torch.int32), b.view(torch.int32)) for a, b in zip(scores, before)
+        )
         failures += not (zeroed and exact)
         print(f"mask_/restore_ ({path}): zeroed {zeroed}, restored bit for bit {exact}")
 
@@ -71,6 +78,8 @@ def run(size: int = 4_000_000) -> int:
         mod.restore_(scores, cands, s)
 
     tc, tr = _time(lambda: roundtrip(ops)), _time(lambda: roundtrip(ops.reference))
-    print(f"{'mask+restore':<14}{tc * 1e3:>10.2f}ms{tr * 1e3:>10.2f}ms{tr / tc:>9.1f}x  ({k:,} entries)")
+    print(
+        f"{'mask+restore':<14}{tc * 1e3:>10.2f}ms{tr * 1e3:>10.2f}ms{tr / tc:>9.1f}x  ({k:,} entries)"
+    )
     print("\nselfcheck " + ("passed" if failures == 0 else f"FAILED ({failures})"))
     return 0 if failures == 0 else 1

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import mftx
 from mftx import masking
 from mftx.cli import main
 from mftx.models import make_tiny_bert
@@ -82,7 +83,7 @@ def test_finetune_saves_reached_targets_and_says_which_were_not(finetuned, capsy
 def _analyze(root, data, finetuned, out, *extra):
     return _run(
         "analyze", str(finetuned), "--data", str(data), "--train-size", "32",
-        "--batch-size", "8", "--ks", "5,50,500", "--methods", "gradient,influence,taylor",
+        "--batch-size", "8", "--ks", "5,50,500", "--methods", "gradient,influence,influence-ggn,taylor",
         "--damping", "1.0", "--max-iter", "30", "--fidelity-samples", "12",
         "--out", str(out), *extra,
     )  # fmt: skip
@@ -99,7 +100,8 @@ def test_analyze_report_and_resume(workspace, finetuned, capsys, tmp_path):
 
     ck = out / ckpt.name
     for f in ("checkpoint.json", "overlap.json", "fidelity.json", "scores-influence.safetensors",
-              "sweep-gradient.json", "sweep-influence.json", "sweep-taylor.json"):  # fmt: skip
+              "sweep-gradient.json", "sweep-influence.json", "sweep-taylor.json",
+              "scores-influence-ggn.safetensors", "sweep-influence-ggn.json"):  # fmt: skip
         assert (ck / f).is_file(), f
     sweep = json.loads((ck / "sweep-influence.json").read_text())
     assert [p["k"] for p in sweep["points"]] == [5, 50, 500] and sweep["restored_bitwise"]
@@ -109,7 +111,12 @@ def test_analyze_report_and_resume(workspace, finetuned, capsys, tmp_path):
         (G - both) / G
     )
     fid = json.loads((ck / "fidelity.json").read_text())
-    assert len(fid["samples"]) == 12 and set(fid["summary"]) == {"gradient", "influence", "taylor"}
+    assert len(fid["samples"]) == 12 and set(fid["summary"]) == {
+        "gradient",
+        "influence",
+        "influence-ggn",
+        "taylor",
+    }
 
     # The checkpoint on disk is untouched by the analysis.
     after = load_file(ckpt / "model.safetensors")
@@ -141,7 +148,10 @@ def test_analyze_report_and_resume(workspace, finetuned, capsys, tmp_path):
     rep = out / "report"
     md = (rep / "report.md").read_text()
     assert "mftx analyze" in md and ckpt.name in md
-    assert (rep / "results.csv").read_text().count("\n") == 1 + 3 * 3
+    assert (rep / "results.csv").read_text().count("\n") == 1 + 4 * 3
+    ggn = mftx.Scores.load(ck / "scores-influence-ggn.safetensors")
+    assert ggn.method == "influence" and ggn.config["curvature"] == "ggn"
+    assert overlap["influence_method"] == "influence"
     assert (rep / f"accuracy-{ckpt.name}.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -163,6 +173,13 @@ def test_sweep_leaves_weights_bitwise_unchanged(workspace, finetuned):
                         progress=False)  # fmt: skip
     assert len(pts) == 3
     assert masking.fingerprint(list(model.state_dict().values())) == before
+
+
+def test_unknown_method_variant_is_refused(tmp_path, capsys):
+    rc = _run(
+        "analyze", str(tmp_path), "--methods", "influence-fisher", "--out", str(tmp_path / "o")
+    )
+    assert rc == 1 and "unknown variant 'fisher'" in capsys.readouterr().err
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):

@@ -56,9 +56,7 @@ class Candidates:
     def __len__(self) -> int:
         return self.tensor_index.shape[0]
 
-    def __getitem__(
-        self, key: Union[int, slice]
-    ) -> Union[Candidates, Tuple[int, int, float]]:
+    def __getitem__(self, key: Union[int, slice]) -> Union[Candidates, Tuple[int, int, float]]:
         if isinstance(key, slice):
             return Candidates(
                 self.tensor_index[key].contiguous(),

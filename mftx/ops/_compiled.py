@@ -98,9 +98,7 @@ if HAS_CPP:
     def toward_zero_op(
         params: List[Tensor], grads: List[Tensor], lr: float
     ) -> Tuple[Tensor, Tensor, Tensor]:
-        return _as_tensors(
-            _C.toward_zero(_arrays(params), _arrays(grads), lr, get_num_threads())
-        )
+        return _as_tensors(_C.toward_zero(_arrays(params), _arrays(grads), lr, get_num_threads()))
 
     @toward_zero_op.register_fake
     def _(params, grads, lr):

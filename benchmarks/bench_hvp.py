@@ -1,0 +1,201 @@
+"""HVP and CG costs on all-MiniLM-L6-v2, with curvlinops as a peer in the same run.
+
+Run (about 10 minutes on a 2-core CPU; compile adds a few more):
+
+    python -m pytest benchmarks/bench_hvp.py --benchmark-enable \
+        --benchmark-json=bench-hvp.json -p no:cacheprovider
+    python benchmarks/summarize.py bench-hvp.json --baseline gradient
+
+Groups:
+- ``hvp``: one gradient and one curvature-vector product of each mode/curvature on
+  one batch of 16 × 64 tokens (eager attention); ratios against the gradient.
+- ``cg-iteration``: one CG solve of (H + λI) x = ∇L over 4 such batches, a fixed
+  number of iterations, for mftx eager, mftx ``backend="compile"`` and
+  curvlinops (HessianLinearOperator + CGInverseLinearOperator); the time per
+  iteration and the relative difference of the solutions go into extra_info.
+
+Needs the `bench` extra (curvlinops-for-pytorch); see README.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+import mftx
+from mftx import solvers
+
+N_BATCHES = 4
+BATCH, LENGTH = 16, 64
+DAMPING = 0.01
+CG_ITERS = 5
+
+HVP_CASES = [
+    ("hessian", "rev-rev", False),
+    ("hessian", "fwd-rev", False),
+    ("hessian", "double-backward", False),
+    ("hessian", "double-backward", True),
+    ("ggn", "rev-rev", False),
+    ("ggn", "fwd-rev", False),
+    ("ggn", "double-backward", True),
+]
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    from mftx.models import load_classifier
+
+    model, _ = load_classifier("minilm", seed=0)
+    model.eval()
+    gen = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(N_BATCHES):
+        batches.append(
+            {
+                "input_ids": torch.randint(1000, 20000, (BATCH, LENGTH), generator=gen),
+                "attention_mask": torch.ones(BATCH, LENGTH, dtype=torch.long),
+                "token_type_ids": torch.zeros(BATCH, LENGTH, dtype=torch.long),
+                "labels": torch.randint(0, 2, (BATCH,), generator=gen),
+            }
+        )
+    space = mftx.select_params(model)
+    return model, batches, space
+
+
+def _run(benchmark, fn, rounds=4):
+    return benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
+
+
+@pytest.mark.benchmark(group="hvp")
+def test_gradient(benchmark, minilm):
+    model, batches, space = minilm
+    op = mftx.Curvature(model, space, batches[:1], mftx.HFClassification())
+    _run(benchmark, lambda: op.gradient(batches[:1]))
+    benchmark.extra_info["analysed_parameters"] = space.numel
+
+
+@pytest.mark.benchmark(group="hvp")
+@pytest.mark.parametrize(("curvature", "mode", "cache"), HVP_CASES)
+def test_product(benchmark, minilm, curvature, mode, cache):
+    model, batches, space = minilm
+    op = mftx.Curvature(
+        model, space, batches[:1], mftx.HFClassification(), curvature=curvature, mode=mode,
+        cache_graphs=cache,
+    )  # fmt: skip
+    v = torch.randn(space.numel, generator=torch.Generator().manual_seed(1))
+    _run(benchmark, lambda: op.matvec(v))
+    op.release()
+
+
+# ---------------------------------------------------------------- CG iteration
+
+_solutions = {}
+
+
+def _mftx_cg(minilm, backend, mode, cache):
+    model, batches, space = minilm
+    op = mftx.Curvature(
+        model, space, batches, mftx.HFClassification(), mode=mode, backend=backend,
+        cache_graphs=cache,
+    )  # fmt: skip
+    g, _ = op.gradient(batches)
+    t0 = time.perf_counter()
+    op.matvec(g)  # warm-up: compiles for backend="compile", builds graphs when cached
+    warm = time.perf_counter() - t0
+
+    def solve():
+        return solvers.cg(op.matvec, g, DAMPING, tol=0.0, max_iter=CG_ITERS)
+
+    return op, g, solve, warm
+
+
+@pytest.mark.benchmark(group="cg-iteration")
+@pytest.mark.parametrize(
+    ("backend", "mode", "cache"),
+    [
+        ("eager", "rev-rev", False),
+        ("eager", "double-backward", True),
+        ("compile", "rev-rev", False),
+    ],
+)
+def test_cg_mftx(benchmark, minilm, backend, mode, cache):
+    op, g, solve, warm = _mftx_cg(minilm, backend, mode, cache)
+    res = benchmark.pedantic(solve, rounds=1, iterations=1, warmup_rounds=0)
+    _solutions[(backend, mode, cache)] = res.x
+    benchmark.extra_info.update(
+        {
+            "iterations": res.iterations,
+            "warmup_seconds": warm,
+            "seconds_per_iteration": benchmark.stats.stats.mean / res.iterations,
+            "relative_residual": res.relative_residual,
+        }
+    )
+    op.release()
+
+
+@pytest.mark.benchmark(group="cg-iteration")
+def test_cg_curvlinops(benchmark, minilm):
+    curvlinops = pytest.importorskip("curvlinops")
+    from curvlinops._torch_base import PyTorchLinearOperator
+
+    model, batches, space = minilm
+    params = list(space.params)
+
+    class Logits(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            return self.m(**x).logits
+
+    class Damped(PyTorchLinearOperator):
+        """H + λI: curvlinops 3 has no damping argument."""
+
+        SELF_ADJOINT = True
+
+        def __init__(self, H, lam):
+            super().__init__(H._in_shape, H._out_shape)
+            self.H, self.lam = H, lam
+
+        def _matmat(self, X):
+            return [hx + self.lam * x for hx, x in zip(self.H._matmat(X), X)]
+
+        @property
+        def dtype(self):
+            return self.H.dtype
+
+        @property
+        def device(self):
+            return self.H.device
+
+    data = [({k: v for k, v in b.items() if k != "labels"}, b["labels"]) for b in batches]
+    H = curvlinops.HessianLinearOperator(
+        Logits(model), torch.nn.CrossEntropyLoss(), params, data,
+        check_deterministic=False, batch_size_fn=lambda x: x["input_ids"].shape[0],
+    )  # fmt: skip
+    A = Damped(H, DAMPING)
+    # Same right-hand side as mftx: the mean training gradient.
+    op = mftx.Curvature(model, space, batches, mftx.HFClassification())
+    g, _ = op.gradient(batches)
+    g_list = [t.clone() for t in space.unflatten(g)]
+    counter = {"n": 0}
+    base_matmat = A._matmat
+
+    def counted(X):
+        counter["n"] += 1
+        return base_matmat(X)
+
+    A._matmat = counted
+    inv = curvlinops.CGInverseLinearOperator(
+        A, max_iter=CG_ITERS, max_tridiag_iter=CG_ITERS, tolerance=1e-12, eps=1e-30
+    )
+    x = benchmark.pedantic(lambda: inv @ g_list, rounds=1, iterations=1, warmup_rounds=0)
+    x = torch.cat([t.reshape(-1) for t in x])
+    info = {"matvecs": counter["n"], "seconds_per_iteration": benchmark.stats.stats.mean / CG_ITERS}
+    ref = _solutions.get(("eager", "rev-rev", False))
+    if ref is not None:
+        info["relative_difference_to_mftx"] = float((x - ref).norm() / ref.norm())
+    benchmark.extra_info.update(info)
