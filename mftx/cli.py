@@ -84,7 +84,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         model=args.model, data=args.data, train_size=args.train_size, batch_size=args.batch_size,
         lr=args.lr, weight_decay=args.weight_decay, epochs=args.epochs,
         max_length=args.max_length, targets=args.targets, eval_every=args.eval_every,
-        seed=args.seed, progress=not args.no_progress,
+        seed=args.seed, prefix=args.prefix, progress=not args.no_progress,
     )  # fmt: skip
     _setup_logging(Path(args.out), "finetune", args)
     summary = finetune(cfg, Path(args.out), force=args.force)
@@ -163,10 +163,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(
         "mftx demo: fine-tune all-MiniLM-L6-v2 on 1,000 SST-2 rows to the reference targets "
         f"(at most {args.epochs} epochs), then score, mask and report.\n"
+        "Methods: gradient, influence through the Hessian (the reference; CG stops where it "
+        "meets negative curvature) and influence through the GGN (positive semi-definite).\n"
         "To fit in ~15 minutes on a 2-core CPU it subsamples: HVPs on "
         f"{args.hvp_batches} training batches, CG capped at {args.max_iter} iterations, "
-        f"k in {args.ks}, fidelity on {args.fidelity_samples} parameters. "
-        "The full experiment: see README (docs/results)."
+        f"k in {args.ks}, fidelity on {args.fidelity_samples} parameters in float32. "
+        "The full experiment: docs/results/reproduce.sh."
     )
     ft = FinetuneConfig(
         data=args.data, epochs=args.epochs, eval_every=args.eval_every, seed=args.seed,
@@ -179,7 +181,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print("no accuracy target was reached: nothing to analyse")
         return 1
     cfg = AnalyzeConfig(
-        data=args.data, ks=args.ks, hvp_batches=args.hvp_batches, max_iter=args.max_iter,
+        data=args.data, methods=["gradient", "influence", "influence-ggn"], ks=args.ks,
+        hvp_batches=args.hvp_batches, max_iter=args.max_iter,
         fidelity_samples=args.fidelity_samples, fidelity_dtype="float32",
         progress=not args.no_progress,
     )  # fmt: skip
@@ -237,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--eval-every", type=int, default=4, help="evaluate every N steps")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prefix", default="ckpt", help="checkpoint names: PREFIX-<target %%>")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--force", action="store_true", help="redo a completed run")
     _common(p)

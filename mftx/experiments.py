@@ -91,9 +91,12 @@ class FinetuneConfig:
     eval_every: int = _help("evaluate dev accuracy every N steps", 4)
     eval_batch_size: int = _help("dev evaluation batch size", 64)
     seed: int = _help("seed of the data subset, shuffling, head init and dropout", 0)
+    prefix: str = _help("checkpoint directory names: PREFIX-<target %>", "ckpt")
     progress: bool = _help("show progress bars", True)
 
     def validate(self) -> None:
+        if not self.prefix or "/" in self.prefix:
+            raise ValueError(f"prefix must be a plain name, got {self.prefix!r}")
         for name in ("batch_size", "epochs", "eval_every", "eval_batch_size", "max_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -106,8 +109,8 @@ class FinetuneConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
 
 
-def target_name(t: float) -> str:
-    return f"ckpt-{round(t * 100):d}"
+def target_name(t: float, prefix: str = "ckpt") -> str:
+    return f"{prefix}-{round(t * 100):d}"
 
 
 def finetune(cfg: FinetuneConfig, out: Path, force: bool = False) -> Dict[str, Any]:
@@ -156,7 +159,7 @@ def finetune(cfg: FinetuneConfig, out: Path, force: bool = False) -> Dict[str, A
             if not summary["targets"][f"{t:.2f}"]["reached"] and m["accuracy"] >= t
         ]
         if hit:
-            name = target_name(hit[0])
+            name = target_name(hit[0], cfg.prefix)
             meta = {
                 **entry,
                 "targets": hit,
