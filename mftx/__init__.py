@@ -7,6 +7,7 @@ Data flows one way: model + data → `score` → `Scores.candidates` / `flagged`
 from . import ops
 from .errors import NegativeCurvatureError, NonFiniteError, SolverDivergedError
 from .hvp import Curvature
+from .masking import MaskStack, masked
 from .objective import HFClassification, Objective, batch_size
 from .ops import Candidates
 from .params import DEFAULT_EXCLUDE, ParamSpace, select_params
@@ -22,6 +23,7 @@ __all__ = [
     "Candidates",
     "Curvature",
     "HFClassification",
+    "MaskStack",
     "NegativeCurvatureError",
     "NonFiniteError",
     "Objective",
@@ -32,6 +34,7 @@ __all__ = [
     "SolverDivergedError",
     "__version__",
     "batch_size",
+    "masked",
     "ops",
     "score",
     "select_params",
