@@ -478,3 +478,15 @@ def test_negative_curvature_in_scoring(bert, bert_dense):
     s = mftx.score(model, train, val, params=space, damping=0.0, max_iter=500, tol=1e-14,
                    on_negative_curvature="stop", progress=False)  # fmt: skip
     assert s.stats["solver"]["negative_curvature"]
+
+
+def test_bert_base_layout_summary():
+    """The reference study's parameter space on BERT-base (random init, no hub)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    model = BertForSequenceClassification(BertConfig(num_labels=2))
+    s = mftx.select_params(model).summary()
+    assert s["total"] == 109_483_778
+    assert s["analysed"] == 85_017_600  # 72 Linear weights (84,934,656) and their biases
+    assert s["tensors"] == 144
+    assert round(s["share"], 3) == 0.777
