@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import NegativeCurvatureError, NonFiniteError, SolverDivergedError
+from .ops._checks import finite_nonnegative
 
 __all__ = ["SOLVERS", "SolveResult", "cg", "explicit", "lissa"]
 
@@ -60,10 +61,7 @@ class SolveResult:
 
 
 def _check_damping(damping: float) -> float:
-    damping = float(damping)
-    if not math.isfinite(damping) or damping < 0:
-        raise ValueError(f"damping must be finite and >= 0, got {damping}")
-    return damping
+    return finite_nonnegative("damping", damping)
 
 
 def _norm(x: torch.Tensor) -> torch.Tensor:

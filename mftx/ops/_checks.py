@@ -56,11 +56,15 @@ def threshold_value(threshold: float) -> float:
     return threshold
 
 
+def finite_nonnegative(name: str, value: float) -> float:
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be finite and >= 0, got {value}")
+    return value
+
+
 def lr_value(lr: float) -> float:
-    lr = float(lr)
-    if not math.isfinite(lr) or lr < 0:
-        raise ValueError(f"lr must be finite and >= 0, got {lr}")
-    return lr
+    return finite_nonnegative("lr", lr)
 
 
 def same_shapes(params: List[torch.Tensor], grads: List[torch.Tensor]) -> None:
