@@ -20,7 +20,7 @@ import time
 
 os.environ.setdefault("PJRT_DEVICE", "CPU")
 
-import torch  # noqa: E402
+import torch
 
 try:
     import torch_xla
@@ -29,8 +29,8 @@ try:
 except ImportError:  # eager and compile still run
     torch_xla = None
 
-import mftx  # noqa: E402
-from mftx import solvers, xla  # noqa: E402
+import mftx
+from mftx import solvers, xla
 
 
 def tiny_bert():
