@@ -1081,3 +1081,14 @@ def test_compile_fullgraph_inductor():
     assert torch.equal(got[5], want[5])
     assert all(same_bits(a, b) for a, b in zip(ws, eager_ws))
     assert got[5].tolist() == [3, 0, 1]  # -0.0 at [1, 1] plus two masked; one in ws[2]
+
+
+def test_restore_rejects_saved_values_on_another_device():
+    t = [torch.randn(4, 4)]
+    cands = ops.topk(t, 3)
+    before = t[0].clone()
+    saved = ops.mask_(t, cands)
+    with pytest.raises(ValueError, match="saved is on meta"):
+        ops.restore_(t, cands, saved.to("meta"))
+    ops.restore_(t, cands, saved)
+    assert torch.equal(t[0].view(torch.int32), before.view(torch.int32))

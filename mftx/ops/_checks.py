@@ -112,6 +112,11 @@ def saved_values(tensors: List[torch.Tensor], cands: Candidates, saved: torch.Te
         )
     if tensors and saved.dtype != tensors[0].dtype:
         raise TypeError(f"saved has dtype {saved.dtype}, tensors {tensors[0].dtype}")
+    if tensors and saved.device != tensors[0].device:
+        raise ValueError(
+            f"saved is on {saved.device}, tensors on {tensors[0].device}; "
+            "pass the tensor mask_ returned for these tensors"
+        )
 
 
 def nan_message(what: str, t: int, f: int) -> str:
