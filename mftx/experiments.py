@@ -414,12 +414,34 @@ def _scores(ck: _Checkpoint, space, method: str, cfg: AnalyzeConfig, force: bool
                 "rerun with --force to recompute"
             )
         log.info("%s: %s scores loaded from %s", ck.name, method, path)
+        _write_solve(ck, method, s)
         return s
     log.info("%s: scoring with %s", ck.name, method)
     s = score_with_config(ck.model, ck.train, ck.val, scfg, params=space)
     s.save(path)
+    _write_solve(ck, method, s)
     log.info("%s: %s done in %.1f s (%s)", ck.name, method, s.stats["seconds"], _brief(s))
     return s
+
+
+def _write_solve(ck: _Checkpoint, label: str, s: Scores) -> None:
+    """solve-<label>.json: how the scores were computed (for the report's solver table)."""
+    solver = s.stats.get("solver") or {}
+    write_json(
+        ck.out / f"solve-{label}.json",
+        {
+            "method": label,
+            "curvature": s.config.get("curvature") if solver else None,
+            "damping": s.config.get("damping") if solver else None,
+            "hvp_batches_used": s.stats.get("hvp_batches_used"),
+            "iterations": solver.get("iterations"),
+            "relative_residual": solver.get("relative_residual"),
+            "converged": solver.get("converged"),
+            "reason": solver.get("reason"),
+            "n_hvp": s.stats.get("n_hvp"),
+            "seconds": s.stats.get("seconds"),
+        },
+    )
 
 
 def _brief(s: Scores) -> str:

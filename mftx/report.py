@@ -60,6 +60,7 @@ __all__ = [
     "plot_name",
     "render_markdown",
     "run_to_dict",
+    "solve_table",
     "spearman",
     "write_csv",
     "write_plots",
@@ -178,6 +179,7 @@ class Checkpoint:
     total_params: Optional[int] = None
     analysed_params: Optional[int] = None
     sweeps: Dict[str, Sweep] = field(default_factory=dict)
+    solves: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     overlap: Optional[Overlap] = None
     fidelity: Optional[Fidelity] = None
     expected_methods: Tuple[str, ...] = ()
@@ -414,6 +416,8 @@ def _load_checkpoint(run_dir: Path, name: str, expected: Tuple[str, ...]) -> Che
         method = path.stem[len("sweep-") :]
         ckpt.sweeps[method] = _parse_sweep(path, method)
     _check_sweeps(ckpt)
+    for path in sorted(directory.glob("solve-*.json")):
+        ckpt.solves[path.stem[len("solve-") :]] = _object(_read_json(path), path, "solve")
     overlap = directory / "overlap.json"
     if overlap.is_file():
         ckpt.overlap = _parse_overlap(overlap)
@@ -747,6 +751,37 @@ def overlap_table(run: Run) -> str:
     return markdown_table(OVERLAP_HEADERS, rows)
 
 
+SOLVE_HEADERS = (
+    "checkpoint", "method", "curvature", "CG iterations", "relative residual", "stopped because",
+    "seconds",
+)  # fmt: skip
+
+
+def solve_table(run: Run) -> str:
+    """Markdown table of the inverse-HVP solves (methods without one are left out)."""
+    rows = []
+    for ckpt in run.checkpoints:
+        for method in order_methods(ckpt.solves):
+            s = ckpt.solves[method]
+            if s.get("iterations") is None:
+                continue
+            res = s.get("relative_residual")
+            rows.append(
+                [
+                    ckpt.name,
+                    method,
+                    str(s.get("curvature")),
+                    fmt_count(int(s["iterations"])),
+                    MISSING if res is None else f"{float(res):.2e}",
+                    str(s.get("reason", "")),
+                    MISSING if s.get("seconds") is None else f"{float(s['seconds']):.0f}",
+                ]
+            )
+    if not rows:
+        return "(no solves recorded)"
+    return markdown_table(SOLVE_HEADERS, rows, left=3)
+
+
 FIDELITY_HEADERS = ("checkpoint", "method", "Spearman", "Pearson", "sign agreement", "n")
 
 
@@ -781,6 +816,8 @@ def format_tables(run: Run) -> str:
         overlap_table(run),
         "## Fidelity of predicted loss changes",
         fidelity_table(run),
+        "## Inverse-HVP solves",
+        solve_table(run),
     ]
     incomplete = run.incomplete()
     if incomplete:
@@ -1005,6 +1042,9 @@ def render_markdown(run: Run, plots: Optional[List[Path]]) -> str:
         "## Fidelity of predicted loss changes\n\n"
         "Predicted against actual change of validation loss when a sampled parameter "
         "alone is zeroed.\n\n" + fidelity_table(run),
+        "## Inverse-HVP solves\n\n"
+        "How each influence solve (H + λI) s = ∇L_val ended: CG stops at non-positive "
+        "curvature, at the tolerance or at its iteration cap.\n\n" + solve_table(run),
         "## Accuracy against k\n\n" + "\n".join(_plot_lines(run, plots)),
     ]
     incomplete = run.incomplete()

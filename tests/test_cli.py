@@ -101,7 +101,8 @@ def test_analyze_report_and_resume(workspace, finetuned, capsys, tmp_path):
     ck = out / ckpt.name
     for f in ("checkpoint.json", "overlap.json", "fidelity.json", "scores-influence.safetensors",
               "sweep-gradient.json", "sweep-influence.json", "sweep-taylor.json",
-              "scores-influence-ggn.safetensors", "sweep-influence-ggn.json"):  # fmt: skip
+              "scores-influence-ggn.safetensors", "sweep-influence-ggn.json",
+              "solve-influence.json", "solve-gradient.json"):  # fmt: skip
         assert (ck / f).is_file(), f
     sweep = json.loads((ck / "sweep-influence.json").read_text())
     assert [p["k"] for p in sweep["points"]] == [5, 50, 500] and sweep["restored_bitwise"]
@@ -148,6 +149,9 @@ def test_analyze_report_and_resume(workspace, finetuned, capsys, tmp_path):
     rep = out / "report"
     md = (rep / "report.md").read_text()
     assert "mftx analyze" in md and ckpt.name in md
+    solve = json.loads((ck / "solve-influence-ggn.json").read_text())
+    assert solve["curvature"] == "ggn" and solve["iterations"] >= 1
+    assert "## Inverse-HVP solves" in md and "| influence-ggn | ggn |" in md
     assert (rep / "results.csv").read_text().count("\n") == 1 + 4 * 3
     ggn = mftx.Scores.load(ck / "scores-influence-ggn.safetensors")
     assert ggn.method == "influence" and ggn.config["curvature"] == "ggn"
