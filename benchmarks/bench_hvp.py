@@ -23,6 +23,7 @@ Needs the `bench` extra (curvlinops-for-pytorch); see README.
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 
@@ -34,6 +35,9 @@ from mftx import solvers
 
 N_BATCHES = 4
 BATCH, LENGTH = 16, 64
+# MFTX_BENCH_DTYPE=float64 runs everything in float64: the CG solutions of mftx and
+# curvlinops then agree to rounding, which separates algorithmic from float32 differences.
+DTYPE = getattr(torch, os.environ.get("MFTX_BENCH_DTYPE", "float32"))
 DAMPING = 0.01
 CG_ITERS = 5
 
@@ -53,7 +57,7 @@ def minilm():
     from mftx.models import load_classifier
 
     model, _ = load_classifier("minilm", seed=0)
-    model.eval()
+    model.to(DTYPE).eval()
     gen = torch.Generator().manual_seed(0)
     batches = []
     for _ in range(N_BATCHES):
@@ -89,7 +93,7 @@ def test_product(benchmark, minilm, curvature, mode, cache):
         model, space, batches[:1], mftx.HFClassification(), curvature=curvature, mode=mode,
         cache_graphs=cache,
     )  # fmt: skip
-    v = torch.randn(space.numel, generator=torch.Generator().manual_seed(1))
+    v = torch.randn(space.numel, generator=torch.Generator().manual_seed(1), dtype=DTYPE)
     _run(benchmark, lambda: op.matvec(v))
     op.release()
 
@@ -129,8 +133,13 @@ def test_cg_mftx(benchmark, minilm, backend, mode, cache):
     op, g, solve, warm = _mftx_cg(minilm, backend, mode, cache)
     res = benchmark.pedantic(solve, rounds=1, iterations=1, warmup_rounds=0)
     _solutions[(backend, mode, cache)] = res.x
+    ref = _solutions.get(("eager", "rev-rev", False))
     benchmark.extra_info.update(
         {
+            "dtype": str(DTYPE),
+            "relative_difference_to_eager_rev_rev": float((res.x - ref).norm() / ref.norm())
+            if ref is not None
+            else None,
             "iterations": res.iterations,
             "warmup_seconds": warm,
             "seconds_per_iteration": benchmark.stats.stats.mean / res.iterations,
@@ -206,7 +215,11 @@ def test_cg_curvlinops(benchmark, minilm):
 
     x = benchmark.pedantic(solve, rounds=1, iterations=1, warmup_rounds=0)
     x = torch.cat([t.reshape(-1) for t in x])
-    info = {"matvecs": counter["n"], "seconds_per_iteration": benchmark.stats.stats.mean / CG_ITERS}
+    info = {
+        "dtype": str(DTYPE),
+        "matvecs": counter["n"],
+        "seconds_per_iteration": benchmark.stats.stats.mean / CG_ITERS,
+    }
     ref = _solutions.get(("eager", "rev-rev", False))
     if ref is not None:
         info["relative_difference_to_mftx"] = float((x - ref).norm() / ref.norm())
