@@ -10,16 +10,27 @@ class NonFiniteError(FloatingPointError, ValueError):
 class NegativeCurvatureError(ArithmeticError):
     """CG met pᵀ(H + λI)p <= 0: the damped Hessian is not positive definite."""
 
-    def __init__(self, iteration: int, curvature: float, damping: float):
+    def __init__(self, iteration: int, curvature: float, damping: float, no_iterate: bool = False):
         self.iteration = iteration
         self.curvature = curvature
         self.damping = damping
-        super().__init__(
+        self.no_iterate = no_iterate
+        msg = (
             f"CG met non-positive curvature pᵀ(H+λI)p = {curvature:.3e} at iteration "
             f"{iteration} (damping λ = {damping:g}): H + λI is not positive definite here. "
-            "Raise the damping, use curvature='ggn' (positive semi-definite), or pass "
-            "on_negative_curvature='stop' to keep the iterate reached so far."
         )
+        if no_iterate:
+            msg += (
+                "It happened on the first step, so there is no iterate to keep (every score "
+                "would be zero). Raise the damping or use curvature='ggn' (positive "
+                "semi-definite)."
+            )
+        else:
+            msg += (
+                "Raise the damping, use curvature='ggn' (positive semi-definite), or pass "
+                "on_negative_curvature='stop' to keep the iterate reached so far."
+            )
+        super().__init__(msg)
 
 
 class SolverDivergedError(ArithmeticError):

@@ -15,7 +15,7 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from tqdm.auto import tqdm
@@ -48,6 +48,8 @@ class SolveResult:
     n_matvec: int = 0
     seconds: float = 0.0
     negative_curvature: bool = False
+    #: (iteration, pᵀ(A + λI)p) of the first non-positive step, if any.
+    first_negative: Optional[Tuple[int, float]] = None
 
     @property
     def relative_residual(self) -> float:
@@ -107,12 +109,18 @@ def cg(
     rs = torch.dot(r, r)
     b_norm = torch.sqrt(rs)
     if fixed_iterations:
-        return _cg_fixed(A, b, x, r, p, rs, b_norm, max_iter, progress, sync, t0)
+        res = _cg_fixed(A, b, x, r, p, rs, b_norm, max_iter, progress, sync, t0)
+        if res.negative_curvature:
+            it0, pAp0 = res.first_negative
+            if on_negative_curvature == "raise" or it0 == 0:
+                raise NegativeCurvatureError(it0, pAp0, damping, no_iterate=it0 == 0)
+        return res
     bn = float(b_norm)
     if bn == 0.0:
         return SolveResult(x, "cg", 0, True, "b is zero", [0.0], 0, time.perf_counter() - t0)
     residuals: List[float] = []
     reason, converged, neg = "max_iter reached", False, False
+    first: Optional[Tuple[int, float]] = None
     n_mv = 0
     bar = tqdm(range(max_iter), desc="cg", disable=not progress, leave=False)
     it = 0
@@ -123,10 +131,11 @@ def cg(
         if not math.isfinite(pAp):
             raise NonFiniteError(f"CG: pᵀAp is {pAp} at iteration {it}")
         if pAp <= 0:
-            if on_negative_curvature == "raise":
+            if on_negative_curvature == "raise" or it == 0:
                 bar.close()
-                raise NegativeCurvatureError(it, pAp, damping)
+                raise NegativeCurvatureError(it, pAp, damping, no_iterate=it == 0)
             reason, neg = f"non-positive curvature {pAp:.3e} at iteration {it}", True
+            first = (it, pAp)
             it -= 1
             break
         alpha = float(rs) / pAp
@@ -139,7 +148,7 @@ def cg(
         log.debug("cg iteration %d: relative residual %.3e", it + 1, rel)
         if sync is not None:
             sync([x, r, p, rs_new])
-        if rel <= tol:
+        if rel <= tol or rel == 0.0:  # zero: exact solution, nothing left (even with tol = 0)
             reason, converged = f"relative residual {rel:.2e} <= tol {tol:g}", True
             break
         p.mul_(float(rs_new) / float(rs)).add_(r)
@@ -153,7 +162,7 @@ def cg(
         reason,
     )
     return SolveResult(
-        x, "cg", iters, converged, reason, residuals, n_mv, time.perf_counter() - t0, neg
+        x, "cg", iters, converged, reason, residuals, n_mv, time.perf_counter() - t0, neg, first
     )
 
 
@@ -161,30 +170,45 @@ def _cg_fixed(A, b, x, r, p, rs, b_norm, max_iter, progress, sync, t0) -> SolveR
     res = []
     neg = torch.zeros((), dtype=torch.bool, device=b.device)
     zero = torch.zeros((), dtype=b.dtype, device=b.device)
+    # The iteration count and curvature of the first non-positive step, on the device.
+    count = torch.zeros((), dtype=torch.int64, device=b.device)
+    first_it = torch.full((), -1, dtype=torch.int64, device=b.device)
+    first_pAp = torch.zeros((), dtype=b.dtype, device=b.device)
     if sync is not None:  # materialise the start so that every iteration has the same graph
-        sync([x, r, p, rs, b_norm, neg, zero])
+        sync([x, r, p, rs, b_norm, neg, zero, count, first_it, first_pAp])
     for _ in tqdm(range(max_iter), desc="cg", disable=not progress, leave=False):
         Ap = A(p)
         pAp = torch.dot(p, Ap)
-        ok = pAp > 0
-        neg = neg | ~ok
+        live = rs > 0  # rs == 0: converged exactly, p is zero, nothing left to do
+        new_neg = ~neg & live & ~(pAp > 0)
+        first_it = torch.where(new_neg, count, first_it)
+        first_pAp = torch.where(new_neg, pAp, first_pAp)
+        neg = neg | new_neg
+        count = count + 1
+        # From the first non-positive step on, the iterate stays where it was ("stop").
+        ok = ~neg & live
         alpha = torch.where(ok, rs / torch.where(ok, pAp, torch.ones_like(pAp)), zero)
         x = x + alpha * p
         r = r - alpha * Ap
         rs_new = torch.dot(r, r)
         beta = torch.where(rs > 0, rs_new / torch.where(rs > 0, rs, torch.ones_like(rs)), zero)
-        p = r + beta * p
+        p = torch.where(ok, r + beta * p, p)
         rs = rs_new
         res.append(torch.sqrt(rs_new))
         del Ap, pAp
         if sync is not None:
-            sync([x, r, p, rs, neg, res[-1]])
+            sync([x, r, p, rs, neg, res[-1], count, first_it, first_pAp])
     rel = (torch.stack(res) / torch.clamp(b_norm, min=torch.finfo(b.dtype).tiny)).cpu().tolist()
     neg_seen = bool(neg.cpu())
-    reason = f"{max_iter} fixed iterations" + (" (non-positive curvature met)" if neg_seen else "")
+    reason = f"{max_iter} fixed iterations"
+    first = None
+    if neg_seen:
+        first = (int(first_it.cpu()), float(first_pAp.cpu()))
+        reason += f" (non-positive curvature {first[1]:.3e} at iteration {first[0]}; iterate kept)"
     return SolveResult(
-        x, "cg", max_iter, not neg_seen, reason, rel, max_iter, time.perf_counter() - t0, neg_seen
-    )
+        x, "cg", max_iter, not neg_seen, reason, rel, max_iter, time.perf_counter() - t0, neg_seen,
+        first,
+    )  # fmt: skip
 
 
 def lissa(

@@ -236,6 +236,11 @@ def test_cg_fixed_iterations_past_convergence_stays_finite():
     res = solvers.cg(lambda v: A @ v, b, max_iter=10, fixed_iterations=True)
     assert torch.isfinite(res.x).all()
     assert rel(res.x, torch.tensor([1.0, 0.5], dtype=torch.float64)) < 1e-12
+    assert not res.negative_curvature and res.first_negative is None  # p = 0 is not curvature
+    # 2I: the first step is exact (residual 0.0); the adaptive loop with tol = 0 stops there.
+    exact = solvers.cg(lambda v: 2 * v, b, tol=0.0, max_iter=10)
+    assert exact.converged and exact.iterations == 1 and not exact.negative_curvature
+    assert torch.equal(exact.x, b / 2)
 
 
 def test_cg_negative_curvature_raises_or_stops():
@@ -245,8 +250,23 @@ def test_cg_negative_curvature_raises_or_stops():
         solvers.cg(lambda v: A @ v, b, 0.0)
     res = solvers.cg(lambda v: A @ v, b, 0.0, on_negative_curvature="stop")
     assert res.negative_curvature and not res.converged and torch.isfinite(res.x).all()
-    fixed = solvers.cg(lambda v: A @ v, b, 0.0, max_iter=5, fixed_iterations=True)
+    assert res.iterations == 1 and res.first_negative[0] == 1 and res.first_negative[1] <= 0
+    # The fixed-iteration loop (no host reads inside) honours the same choice afterwards
+    # and keeps the same iterate: the one before the first non-positive step.
+    with pytest.raises(mftx.NegativeCurvatureError, match="at iteration 1 "):
+        solvers.cg(lambda v: A @ v, b, 0.0, max_iter=5, fixed_iterations=True)
+    fixed = solvers.cg(
+        lambda v: A @ v, b, 0.0, max_iter=5, fixed_iterations=True, on_negative_curvature="stop"
+    )
     assert fixed.negative_curvature and not fixed.converged
+    assert fixed.first_negative[0] == 1
+    assert fixed.first_negative[1] == pytest.approx(res.first_negative[1], rel=1e-12)
+    assert rel(fixed.x, res.x) < 1e-14
+    # On the first step there is no iterate to keep: both loops raise even with "stop".
+    for fixed_iterations in (False, True):
+        with pytest.raises(mftx.NegativeCurvatureError, match="no iterate to keep"):
+            solvers.cg(lambda v: -(A @ v).abs(), b, 0.0, max_iter=3,
+                       fixed_iterations=fixed_iterations, on_negative_curvature="stop")  # fmt: skip
     # Damping that makes the matrix positive definite fixes it.
     assert solvers.cg(lambda v: A @ v, b, 2.5, tol=1e-12).converged
 
