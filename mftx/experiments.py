@@ -392,9 +392,12 @@ def analyze(
             _sweep(ck, space, label, s, cfg, info["baseline"], force)
         infl = [m for m in scores if parse_method(m)[0] == "influence"]
         if "gradient" in scores and infl:
+            # overlap.json: the reference study's table (plain influence when analysed);
+            # overlap-<variant>.json: the same against every other influence variant.
             first = "influence" if "influence" in infl else infl[0]
-            ov = {**overlap(scores["gradient"], scores[first]), "influence_method": first}
-            write_json(ck.out / "overlap.json", ov)
+            for m in infl:
+                ov = {**overlap(scores["gradient"], scores[m]), "influence_method": m}
+                write_json(ck.out / ("overlap.json" if m == first else f"overlap-{m}.json"), ov)
         if cfg.fidelity_samples > 0:
             _fidelity(ck, space, scores, cfg, force)
         del ck

@@ -56,6 +56,7 @@ __all__ = [
     "masking_table",
     "order_methods",
     "overlap_table",
+    "overlap_variants_table",
     "pearson",
     "plot_name",
     "render_markdown",
@@ -139,6 +140,7 @@ class Overlap:
     both: int
     false_positive_rate: float
     analysed_params: Optional[int] = None
+    influence_method: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -181,6 +183,8 @@ class Checkpoint:
     sweeps: Dict[str, Sweep] = field(default_factory=dict)
     solves: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     overlap: Optional[Overlap] = None
+    #: Overlap of the gradient rule with the other influence variants (``overlap-<m>.json``).
+    overlap_variants: Dict[str, Overlap] = field(default_factory=dict)
     fidelity: Optional[Fidelity] = None
     expected_methods: Tuple[str, ...] = ()
     problems: List[str] = field(default_factory=list)
@@ -273,6 +277,13 @@ def _opt_int(obj: Mapping[str, Any], key: str, path: Path) -> Optional[int]:
     return None if value is None else _int(value, path, key)
 
 
+def _opt_str(obj: Mapping[str, Any], key: str, path: Path) -> Optional[str]:
+    value = obj.get(key)
+    if value is not None and not isinstance(value, str):
+        raise RunFormatError(path, f"field {key!r} must be a string, got {value!r}")
+    return value
+
+
 def _parse_baseline(value: Any, path: Path) -> Baseline:
     obj = _object(value, path, "'baseline'")
     return Baseline(
@@ -329,6 +340,7 @@ def _parse_overlap(path: Path) -> Overlap:
         both=both,
         false_positive_rate=fpr,
         analysed_params=_opt_int(obj, "analysed_params", path),
+        influence_method=_opt_str(obj, "influence_method", path),
     )
 
 
@@ -423,6 +435,8 @@ def _load_checkpoint(run_dir: Path, name: str, expected: Tuple[str, ...]) -> Che
         ckpt.overlap = _parse_overlap(overlap)
     elif {"gradient", "influence"} <= set(ckpt.methods()):
         ckpt.problems.append("overlap.json missing (no overlap table)")
+    for path in sorted(directory.glob("overlap-*.json")):
+        ckpt.overlap_variants[path.stem[len("overlap-") :]] = _parse_overlap(path)
     fidelity = directory / "fidelity.json"
     if fidelity.is_file():
         ckpt.fidelity = _parse_fidelity(fidelity)
@@ -751,6 +765,36 @@ def overlap_table(run: Run) -> str:
     return markdown_table(OVERLAP_HEADERS, rows)
 
 
+OVERLAP_VARIANT_HEADERS = (
+    "checkpoint",
+    "influence method",
+    "gradient detrimental (G)",
+    "influence beneficial (B)",
+    "both",
+    "false-positive rate",
+)
+
+
+def overlap_variants_table(run: Run) -> str:
+    """The overlap table against the other influence variants ("" when there are none)."""
+    rows = []
+    for ckpt in run.checkpoints:
+        for method in order_methods(ckpt.overlap_variants):
+            o = ckpt.overlap_variants[method]
+            fpr = o.false_positive_rate if o.gradient_flagged > 0 else None
+            rows.append(
+                [
+                    ckpt.name,
+                    method,
+                    fmt_count(o.gradient_flagged),
+                    fmt_count(o.influence_beneficial),
+                    fmt_count(o.both),
+                    fmt_rate(fpr),
+                ]
+            )
+    return markdown_table(OVERLAP_VARIANT_HEADERS, rows, left=2) if rows else ""
+
+
 SOLVE_HEADERS = (
     "checkpoint", "method", "curvature", "CG iterations", "relative residual", "stopped because",
     "seconds",
@@ -814,6 +858,11 @@ def format_tables(run: Run) -> str:
         masking_table(run),
         "## Overlap of gradient-flagged and influence-beneficial parameters",
         overlap_table(run),
+    ]
+    variants = overlap_variants_table(run)
+    if variants:
+        parts += ["## Overlap with the other influence variants", variants]
+    parts += [
         "## Fidelity of predicted loss changes",
         fidelity_table(run),
         "## Inverse-HVP solves",
@@ -876,6 +925,7 @@ def run_to_dict(run: Run) -> Dict[str, Any]:
                 },
                 "masking": [best[(ckpt.name, m)] for m in ckpt.methods()],
                 "overlap": None if ckpt.overlap is None else asdict(ckpt.overlap),
+                "overlap_variants": {m: asdict(o) for m, o in ckpt.overlap_variants.items()},
                 "fidelity": None if ckpt.fidelity is None else asdict(ckpt.fidelity),
                 "problems": list(ckpt.problems),
             }
@@ -1023,6 +1073,16 @@ def _plot_lines(run: Run, plots: Optional[List[Path]]) -> List[str]:
     return lines
 
 
+def _variants_section(run: Run) -> str:
+    table = overlap_variants_table(run)
+    if not table:
+        return ""
+    return (
+        "\n\nThe same against the other influence variants (B from each variant's "
+        "scores):\n\n" + table
+    )
+
+
 def render_markdown(run: Run, plots: Optional[List[Path]]) -> str:
     """The text of ``report.md`` (``plots`` None: plots were skipped)."""
     command = run.command or "(not recorded)"
@@ -1038,7 +1098,9 @@ def render_markdown(run: Run, plots: Optional[List[Path]]) -> str:
         + masking_table(run),
         "## Overlap of gradient-flagged and influence-beneficial parameters\n\n"
         "False-positive rate |G \\ B| / |G|: share of the gradient-flagged parameters (G) "
-        "that influence does not call beneficial (B); n/a when G is 0.\n\n" + overlap_table(run),
+        "that influence does not call beneficial (B); n/a when G is 0.\n\n"
+        + overlap_table(run)
+        + _variants_section(run),
         "## Fidelity of predicted loss changes\n\n"
         "Predicted against actual change of validation loss when a sampled parameter "
         "alone is zeroed.\n\n" + fidelity_table(run),

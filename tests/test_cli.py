@@ -156,6 +156,13 @@ def test_analyze_report_and_resume(workspace, finetuned, capsys, tmp_path):
     ggn = mftx.Scores.load(ck / "scores-influence-ggn.safetensors")
     assert ggn.method == "influence" and ggn.config["curvature"] == "ggn"
     assert overlap["influence_method"] == "influence"
+    # The overlap against the GGN variant, computed from its own scores.
+    ov_ggn = json.loads((ck / "overlap-influence-ggn.json").read_text())
+    assert ov_ggn["influence_method"] == "influence-ggn"
+    gflag = mftx.Scores.load(ck / "scores-gradient.safetensors").flagged()
+    assert ov_ggn["gradient_flagged"] == G == len(gflag)
+    assert ov_ggn["influence_beneficial"] == len(ggn.flagged())
+    assert "## Overlap of gradient-flagged" in md and f"| {ckpt.name} | influence-ggn |" in md
     assert (rep / f"accuracy-{ckpt.name}.png").read_bytes()[:4] == b"\x89PNG"
 
 

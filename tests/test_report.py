@@ -294,6 +294,36 @@ def test_overlap_table_and_zero_g(run_dir: Path) -> None:
     ]
 
 
+def test_overlap_with_influence_variants(tmp_path: Path) -> None:
+    files = full_checkpoint("ckpt-60", 0.6, SWEEPS_60, (40, 100, 10))
+    files["overlap-influence-ggn.json"] = {
+        **overlap_json(40, 60, 30),
+        "influence_method": "influence-ggn",
+    }
+    run_dir = make_run(tmp_path, {"ckpt-60": files})
+    run = load_run(run_dir)
+    ckpt = run.checkpoints[0]
+    assert set(ckpt.overlap_variants) == {"influence-ggn"}
+    assert ckpt.overlap.influence_method is None  # not recorded in that file
+    rows = table_rows(report.overlap_variants_table(run))
+    assert rows == [["ckpt-60", "influence-ggn", "40", "60", "30", "25.0 %"]]
+    doc = report.run_to_dict(run)["checkpoints"][0]
+    assert doc["overlap_variants"]["influence-ggn"]["both"] == 30
+    md = report.render_markdown(run, plots=None)
+    assert "other influence variants" in md and "| ckpt-60 | influence-ggn | 40 |" in md
+    assert "## Overlap with the other influence variants" in report.format_tables(run)
+    # Without variant files there is no extra table anywhere.
+    (run_dir / "ckpt-60" / "overlap-influence-ggn.json").unlink()
+    bare = load_run(run_dir)
+    assert report.overlap_variants_table(bare) == ""
+    assert "other influence variants" not in report.render_markdown(bare, plots=None)
+    # A malformed method name is a format error naming the file.
+    bad = {**overlap_json(1, 1, 1), "influence_method": 3}
+    (run_dir / "ckpt-60" / "overlap-influence-ggn.json").write_text(json.dumps(bad))
+    with pytest.raises(RunFormatError, match=r"overlap-influence-ggn\.json.*influence_method"):
+        load_run(run_dir)
+
+
 def test_fidelity_table(run_dir: Path) -> None:
     rows = table_rows(report.fidelity_table(load_run(run_dir)))
     assert rows[:2] == [
