@@ -19,7 +19,7 @@ MFTX="${MFTX:-.venv/bin/mftx}"
 #    training batches (256 rows), CG capped at 100 iterations.
 "$MFTX" analyze "$OUT/finetune-1k" "$OUT/finetune-10k" --data "$DATA" --train-size 1000 \
   --methods gradient,influence,influence-ggn --ks 100,500,1000,5000,10000,50000,100000 \
-  --damping 0.01 --hvp-batches 16 --max-iter 100 --fidelity-samples 300 --out "$OUT/analysis"
+  --damping 0.01 --hvp-batches 16 --max-iter 100 --fidelity-samples 500 --out "$OUT/analysis"
 # 4. Tables, CSV/JSON and plots.
 "$MFTX" report "$OUT/analysis" --out docs/results
 cp "$OUT/finetune-1k/finetune.json" docs/results/finetune-1k.json
