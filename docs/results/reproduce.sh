@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The full experiment on the embedded all-MiniLM-L6-v2 behind docs/results/.
-#   bash docs/results/reproduce.sh [RUN_DIR]     (about 2 hours on a 2-core CPU)
+#   bash docs/results/reproduce.sh [RUN_DIR]     (about 3 hours on a 2-core CPU)
 # Every stage resumes from what RUN_DIR holds; the report is written to docs/results/.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
