@@ -1,6 +1,6 @@
 """HVP and CG costs on all-MiniLM-L6-v2, with curvlinops as a peer in the same run.
 
-Run (about 10 minutes on a 2-core CPU; compile adds a few more):
+Run (about 15 minutes on a 2-core CPU; compile adds a few more):
 
     python -m pytest benchmarks/bench_hvp.py --benchmark-enable \
         --benchmark-json=bench-hvp.json -p no:cacheprovider
@@ -10,8 +10,8 @@ Groups:
 - ``hvp``: one gradient and one curvature-vector product of each mode/curvature on
   one batch of 16 × 64 tokens (eager attention); ratios against the gradient.
 - ``cg-iteration``: one CG solve of (G + λI) x = ∇L over 4 such batches, a fixed
-  number of iterations, for mftx eager, mftx ``backend="compile"`` and
-  curvlinops (GGNLinearOperator + CGInverseLinearOperator); the time per
+  number of iterations (MFTX_BENCH_CG_ITERS, default 20), for mftx eager, mftx
+  ``backend="compile"`` and curvlinops (GGNLinearOperator + CGInverseLinearOperator); the time per
   iteration and the relative difference of the solutions go into extra_info.
   The GGN, not the Hessian: on this model and data H + 0.01 I is indefinite
   (mftx's CG stops at negative curvature within 2 iterations, curvlinops'
@@ -39,7 +39,7 @@ BATCH, LENGTH = 16, 64
 # curvlinops then agree to rounding, which separates algorithmic from float32 differences.
 DTYPE = getattr(torch, os.environ.get("MFTX_BENCH_DTYPE", "float32"))
 DAMPING = 0.01
-CG_ITERS = 5
+CG_ITERS = int(os.environ.get("MFTX_BENCH_CG_ITERS", "20"))
 
 HVP_CASES = [
     ("hessian", "rev-rev", False),
