@@ -110,16 +110,13 @@ def cg(
     b_norm = torch.sqrt(rs)
     if fixed_iterations:
         res = _cg_fixed(A, b, x, r, p, rs, b_norm, max_iter, progress, sync, t0)
-        if res.negative_curvature:
-            it0, pAp0 = res.first_negative
-            if on_negative_curvature == "raise" or it0 == 0:
-                raise NegativeCurvatureError(it0, pAp0, damping, no_iterate=it0 == 0)
+        _on_negative(res.first_negative, on_negative_curvature, damping)
         return res
     bn = float(b_norm)
     if bn == 0.0:
         return SolveResult(x, "cg", 0, True, "b is zero", [0.0], 0, time.perf_counter() - t0)
     residuals: List[float] = []
-    reason, converged, neg = "max_iter reached", False, False
+    reason, converged = "max_iter reached", False
     first: Optional[Tuple[int, float]] = None
     n_mv = 0
     bar = tqdm(range(max_iter), desc="cg", disable=not progress, leave=False)
@@ -131,10 +128,7 @@ def cg(
         if not math.isfinite(pAp):
             raise NonFiniteError(f"CG: pᵀAp is {pAp} at iteration {it}")
         if pAp <= 0:
-            if on_negative_curvature == "raise" or it == 0:
-                bar.close()
-                raise NegativeCurvatureError(it, pAp, damping, no_iterate=it == 0)
-            reason, neg = f"non-positive curvature {pAp:.3e} at iteration {it}", True
+            reason = f"non-positive curvature {pAp:.3e} at iteration {it}"
             first = (it, pAp)
             it -= 1
             break
@@ -154,6 +148,7 @@ def cg(
         p.mul_(float(rs_new) / float(rs)).add_(r)
         rs = rs_new
     bar.close()
+    _on_negative(first, on_negative_curvature, damping)
     iters = it + 1
     log.info(
         "cg: %d iterations, relative residual %.3e (%s)",
@@ -162,8 +157,20 @@ def cg(
         reason,
     )
     return SolveResult(
-        x, "cg", iters, converged, reason, residuals, n_mv, time.perf_counter() - t0, neg, first
-    )
+        x, "cg", iters, converged, reason, residuals, n_mv, time.perf_counter() - t0,
+        first is not None, first,
+    )  # fmt: skip
+
+
+def _on_negative(
+    first: Optional[Tuple[int, float]], on_negative_curvature: str, damping: float
+) -> None:
+    """Raise for a non-positive step (iteration, pᵀAp) unless "stop" has an iterate to keep."""
+    if first is None:
+        return
+    it, pAp = first
+    if on_negative_curvature == "raise" or it == 0:
+        raise NegativeCurvatureError(it, pAp, damping, no_iterate=it == 0)
 
 
 def _cg_fixed(A, b, x, r, p, rs, b_norm, max_iter, progress, sync, t0) -> SolveResult:
