@@ -752,17 +752,19 @@ def overlap_table(run: Run) -> str:
         if o is None:
             rows.append([ckpt.name, "(missing)", MISSING, MISSING, MISSING])
             continue
-        fpr = o.false_positive_rate if o.gradient_flagged > 0 else None
-        rows.append(
-            [
-                ckpt.name,
-                fmt_count(o.gradient_flagged),
-                fmt_count(o.influence_beneficial),
-                fmt_count(o.both),
-                fmt_rate(fpr),
-            ]
-        )
+        rows.append([ckpt.name, *_overlap_cells(o)])
     return markdown_table(OVERLAP_HEADERS, rows)
+
+
+def _overlap_cells(o: Overlap) -> List[str]:
+    """G, B, both and the false-positive rate (``n/a`` when G is 0), formatted."""
+    fpr = o.false_positive_rate if o.gradient_flagged > 0 else None
+    return [
+        fmt_count(o.gradient_flagged),
+        fmt_count(o.influence_beneficial),
+        fmt_count(o.both),
+        fmt_rate(fpr),
+    ]
 
 
 OVERLAP_VARIANT_HEADERS = (
@@ -780,18 +782,7 @@ def overlap_variants_table(run: Run) -> str:
     rows = []
     for ckpt in run.checkpoints:
         for method in order_methods(ckpt.overlap_variants):
-            o = ckpt.overlap_variants[method]
-            fpr = o.false_positive_rate if o.gradient_flagged > 0 else None
-            rows.append(
-                [
-                    ckpt.name,
-                    method,
-                    fmt_count(o.gradient_flagged),
-                    fmt_count(o.influence_beneficial),
-                    fmt_count(o.both),
-                    fmt_rate(fpr),
-                ]
-            )
+            rows.append([ckpt.name, method, *_overlap_cells(ckpt.overlap_variants[method])])
     return markdown_table(OVERLAP_VARIANT_HEADERS, rows, left=2) if rows else ""
 
 
