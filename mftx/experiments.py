@@ -1,16 +1,12 @@
-"""The mask fine-tuning experiment: fine-tune to accuracy targets, then analyse.
+"""The mask fine-tuning experiment, first half: fine-tune to accuracy targets.
 
 `finetune` trains a classifier with AdamW on an SST-2 subset and saves the first
-checkpoint that reaches each dev-accuracy target. `analyze` scores each
-checkpoint's parameters (gradient, influence, ...), sweeps masking over top-k,
-compares the flagged sets and measures how well each method predicts the
-actual effect of zeroing single parameters. Everything written is JSON or
-safetensors; every stage resumes from what is on disk.
+checkpoint that reaches each dev-accuracy target; `mftx.analysis` analyses the
+checkpoints. Everything written is JSON (through `mftx.fileio`) or safetensors.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -22,46 +18,28 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from . import masking, ops
 from .data import load_sst2, make_batches
-from .evaluate import ZeroingEvaluator, evaluate, length_sorted
-from .models import load_classifier, read_metadata, save_classifier
-from .scores import METHODS, Scores
-from .scoring import ScoreConfig, score_with_config
+from .evaluate import evaluate, length_sorted
+from .fileio import read_json, write_json
+from .models import load_classifier, save_classifier
 
 __all__ = [
-    "DEFAULT_KS",
     "DEFAULT_TARGETS",
-    "AnalyzeConfig",
     "FinetuneConfig",
-    "analyze",
+    "checkpoints_of",
+    "describe_finetune",
     "finetune",
 ]
 
 log = logging.getLogger("mftx")
 
 DEFAULT_TARGETS = (0.60, 0.75, 0.85, 0.88, 0.90)
-DEFAULT_KS = (100, 500, 1000, 5000, 10000, 50000, 100000)
 
 
 def _help(text: str, default: Any = None, **kw: Any) -> Any:
     if "default_factory" in kw:
         return field(default_factory=kw["default_factory"], metadata={"help": text})
     return field(default=default, metadata={"help": text})
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (a crash never leaves half a file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, allow_nan=True, default=str) + "\n")
-    tmp.replace(path)
-
-
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: invalid JSON ({exc})") from None
 
 
 def _seed_everything(seed: int) -> None:
@@ -233,351 +211,3 @@ def checkpoints_of(finetune_dir: Path) -> List[Path]:
         if v.get("reached") and v["checkpoint"] not in names:
             names.append(v["checkpoint"])
     return [Path(finetune_dir) / n for n in names]
-
-
-# ====================================================================== analyze
-
-
-@dataclass
-class AnalyzeConfig:
-    """Settings of an analysis run (recorded in analysis.json)."""
-
-    data: Optional[str] = _help("directory with SST-2 TSVs (None: MFTX_DATA or hub)")
-    train_size: Optional[int] = _help("training rows (seeded subset; as in fine-tuning)", 1000)
-    seed: Optional[int] = _help("data seed (None: the checkpoint's own)", None)
-    methods: Sequence[str] = _help(
-        "scoring methods", default_factory=lambda: ["gradient", "influence"]
-    )
-    ks: Sequence[int] = _help(
-        "top-k grid of the masking sweep", default_factory=lambda: list(DEFAULT_KS)
-    )
-    batch_size: int = _help("training batch size for gradients and HVPs", 16)
-    eval_batch_size: int = _help("dev batch size for evaluation and validation gradients", 64)
-    max_length: int = _help("token truncation length", 64)
-    lr: float = _help("lr of the gradient rule", 2e-5)
-    damping: float = _help("λ of (H + λI)", 0.01)
-    curvature: str = _help("hessian | ggn", "hessian")
-    solver: str = _help("cg | lissa | explicit", "cg")
-    max_iter: int = _help("CG iteration cap", 100)
-    tol: float = _help("CG relative residual tolerance", 1e-6)
-    hvp_batches: Optional[int] = _help(
-        "training batches used for HVPs (seeded subsample; None: all)"
-    )
-    hvp_mode: str = _help("rev-rev | fwd-rev | double-backward", "double-backward")
-    cache_graphs: bool = _help("double-backward: reuse each batch's first-order graph", True)
-    on_negative_curvature: str = _help("raise | stop", "stop")
-    fidelity_samples: int = _help("parameters zeroed one at a time for the fidelity check", 500)
-    fidelity_dtype: str = _help("float64 | float32 for the fidelity evaluation", "float64")
-    progress: bool = _help("show progress bars", True)
-
-    def validate(self) -> None:
-        for m in self.methods:
-            parse_method(m)
-        if len(set(self.methods)) != len(self.methods):
-            raise ValueError(f"methods repeat: {list(self.methods)}")
-        if not self.methods:
-            raise ValueError("no methods given")
-        masking.check_ks(list(self.ks))
-        if self.fidelity_samples < 0:
-            raise ValueError("fidelity_samples must be >= 0")
-        if self.fidelity_dtype not in ("float64", "float32"):
-            raise ValueError("fidelity_dtype must be float64 or float32")
-
-    def score_config(self, label: str) -> ScoreConfig:
-        method, curvature = parse_method(label)
-        return ScoreConfig(
-            method=method, solver=self.solver, curvature=curvature or self.curvature,
-            damping=self.damping,
-            max_iter=self.max_iter, tol=self.tol, lr=self.lr, hvp_mode=self.hvp_mode,
-            cache_graphs=self.cache_graphs and self.hvp_mode == "double-backward",
-            hvp_batches=self.hvp_batches, on_negative_curvature=self.on_negative_curvature,
-            progress=self.progress,
-        )  # fmt: skip
-
-
-def parse_method(label: str):
-    """'influence' -> ('influence', None); 'influence-ggn' -> ('influence', 'ggn').
-
-    A suffix names the curvature for that method only, so one analysis can
-    compare influence through the Hessian and through the GGN.
-    """
-    from .hvp import CURVATURES
-
-    method, _, variant = label.partition("-")
-    if method not in METHODS:
-        raise ValueError(
-            f"unknown method {label!r}; one of {sorted(METHODS)} (optionally -hessian/-ggn)"
-        )
-    if variant and variant not in CURVATURES:
-        raise ValueError(f"unknown variant {variant!r} in {label!r}; one of {CURVATURES}")
-    return method, variant or None
-
-
-# Config fields that change scores: a mismatch with scores on disk needs --force.
-_SCORE_KEYS = ("method", "solver", "curvature", "damping", "max_iter", "tol", "lr", "hvp_mode",
-               "hvp_batches", "n_train_batches", "n_val_batches")  # fmt: skip
-
-
-class _Checkpoint:
-    """One checkpoint's model, data and output directory during `analyze`."""
-
-    def __init__(self, path: Path, cfg: AnalyzeConfig, out: Path):
-        self.path = Path(path)
-        if not (self.path / "config.json").is_file():
-            raise FileNotFoundError(f"{self.path} is not a model checkpoint (no config.json)")
-        self.meta = read_metadata(self.path) if (self.path / "mftx.json").is_file() else {}
-        self.name = self.path.name
-        self.out = out / self.name
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.model, self.tok = load_classifier(str(self.path))
-        seed = cfg.seed if cfg.seed is not None else int(self.meta.get("seed", 0))
-        data = load_sst2(
-            cfg.data, cfg.train_size, seed, tokenizer=self.tok, max_length=cfg.max_length
-        )
-        self.data = data
-        self.train = data.train_batches(cfg.batch_size, shuffle=True, seed=seed)
-        dev_sorted = length_sorted(data.dev, self.tok)
-        self.dev = make_batches(
-            dev_sorted, self.tok, cfg.eval_batch_size, max_length=cfg.max_length
-        )
-        self.val = self.dev
-
-
-def analyze(
-    checkpoints: Sequence[Path],
-    cfg: AnalyzeConfig,
-    out: Path,
-    force: bool = False,
-    command: Optional[str] = None,
-) -> Dict[str, Any]:
-    """Analyse each checkpoint; returns analysis.json's content. Resumes from `out`."""
-    cfg.validate()
-    if not checkpoints:
-        raise ValueError("no checkpoints to analyse")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    names = [Path(c).name for c in checkpoints]
-    if len(set(names)) != len(names):
-        raise ValueError(f"checkpoint directory names must differ: {names}")
-    from .params import select_params
-
-    index = {
-        "format": "mftx.analysis/1",
-        "config": asdict(cfg),
-        "command": command,
-        "checkpoints": names,
-    }
-    write_json(out / "analysis.json", index)
-    for path in checkpoints:
-        ck = _Checkpoint(Path(path), cfg, out)
-        space = select_params(ck.model)
-        log.info("analysing %s: %d analysed parameters", ck.name, space.numel)
-        info_path = ck.out / "checkpoint.json"
-        if info_path.exists() and not force:
-            info = read_json(info_path)
-        else:
-            info = {
-                "name": ck.name,
-                "path": str(ck.path.resolve()),
-                "target": (ck.meta.get("targets") or [None])[0],
-                "metadata": ck.meta,
-                "baseline": evaluate(ck.model, ck.dev),
-                "total_params": space.summary()["total"],
-                "analysed_params": space.numel,
-                "data": ck.data.provenance(),
-            }
-            write_json(info_path, info)
-        scores = {m: _scores(ck, space, m, cfg, force) for m in cfg.methods}
-        for label, s in scores.items():
-            _sweep(ck, space, label, s, cfg, info["baseline"], force)
-        infl = [m for m in scores if parse_method(m)[0] == "influence"]
-        if "gradient" in scores and infl:
-            # overlap.json: the reference study's table (plain influence when analysed);
-            # overlap-<variant>.json: the same against every other influence variant.
-            first = "influence" if "influence" in infl else infl[0]
-            for m in infl:
-                ov = {**overlap(scores["gradient"], scores[m]), "influence_method": m}
-                write_json(ck.out / ("overlap.json" if m == first else f"overlap-{m}.json"), ov)
-        if cfg.fidelity_samples > 0:
-            _fidelity(ck, space, scores, cfg, force)
-        del ck
-    return index
-
-
-def _scores(ck: _Checkpoint, space, method: str, cfg: AnalyzeConfig, force: bool) -> Scores:
-    path = ck.out / f"scores-{method}.safetensors"
-    scfg = cfg.score_config(method)  # method: a label such as 'influence-ggn'
-    if path.exists() and not force:
-        s = Scores.load(path)
-        want = {**asdict(scfg), "n_train_batches": len(ck.train), "n_val_batches": len(ck.val)}
-        diff = {k: (s.config.get(k), want[k]) for k in _SCORE_KEYS if s.config.get(k) != want[k]}
-        if diff:
-            raise ValueError(
-                f"{path} was computed with other settings {diff} (on disk, requested); "
-                "rerun with --force to recompute"
-            )
-        log.info("%s: %s scores loaded from %s", ck.name, method, path)
-        _write_solve(ck, method, s)
-        return s
-    log.info("%s: scoring with %s", ck.name, method)
-    s = score_with_config(ck.model, ck.train, ck.val, scfg, params=space)
-    s.save(path)
-    _write_solve(ck, method, s)
-    log.info("%s: %s done in %.1f s (%s)", ck.name, method, s.stats["seconds"], _brief(s))
-    return s
-
-
-def _write_solve(ck: _Checkpoint, label: str, s: Scores) -> None:
-    """solve-<label>.json: how the scores were computed (for the report's solver table)."""
-    solver = s.stats.get("solver") or {}
-    write_json(
-        ck.out / f"solve-{label}.json",
-        {
-            "method": label,
-            "curvature": s.config.get("curvature") if solver else None,
-            "damping": s.config.get("damping") if solver else None,
-            "hvp_batches_used": s.stats.get("hvp_batches_used"),
-            "iterations": solver.get("iterations"),
-            "relative_residual": solver.get("relative_residual"),
-            "converged": solver.get("converged"),
-            "reason": solver.get("reason"),
-            "n_hvp": s.stats.get("n_hvp"),
-            "seconds": s.stats.get("seconds"),
-        },
-    )
-
-
-def _brief(s: Scores) -> str:
-    solver = s.stats.get("solver")
-    if not solver:
-        return "no solve"
-    return (
-        f"{solver['iterations']} CG iterations, relative residual "
-        f"{solver['relative_residual']:.2e}, {solver['reason']}"
-    )
-
-
-def _sweep(ck, space, label: str, s: Scores, cfg: AnalyzeConfig, baseline, force: bool) -> None:
-    path = ck.out / f"sweep-{label}.json"
-    done = {}
-    if path.exists() and not force:
-        prev = read_json(path)
-        done = {p["k"]: p for p in prev.get("points", [])}
-    ks = masking.check_ks(list(cfg.ks))
-    record = {"method": label, "baseline": baseline, "points": [], "restored_bitwise": None}
-
-    def save(point):
-        done[point["k"]] = point
-        record["points"] = [done[k] for k in sorted(done)]
-        write_json(path, record)
-
-    cands = s.candidates(max(ks))
-    points = masking.sweep(
-        space, cands, ks, lambda: evaluate(ck.model, ck.dev), done=done, on_point=save,
-        progress=cfg.progress, desc=f"{ck.name} {label} sweep",
-    )  # fmt: skip
-    record["points"] = points
-    record["restored_bitwise"] = True  # sweep raises otherwise
-    write_json(path, record)
-
-
-def _global(cands: ops.Candidates, numels: Sequence[int]) -> torch.Tensor:
-    starts = torch.tensor([0, *list(numels)], dtype=torch.int64).cumsum(0)[:-1]
-    return starts[cands.tensor_index] + cands.flat_index
-
-
-def overlap(gradient: Scores, influence: Scores) -> Dict[str, Any]:
-    """Gradient-flagged G, influence-beneficial B, |G ∩ B| and the rate |G \\ B| / |G|."""
-    numels = [t.numel() for t in gradient.tensors()]
-    g = _global(gradient.flagged(), numels)
-    b = _global(influence.flagged(), numels)
-    both = int(torch.isin(g, b).sum())
-    G, B = len(g), len(b)
-    return {
-        "gradient_flagged": G,
-        "influence_beneficial": B,
-        "both": both,
-        "false_positive_rate": (G - both) / G if G else float("nan"),
-        "analysed_params": sum(numels),
-    }
-
-
-def implied_change(s: Scores) -> List[torch.Tensor]:
-    """Each method's prediction of the change of validation loss when zeroing a parameter.
-
-    influence, taylor and obd predict it directly; the gradient rule does not
-    predict a loss change, so its score is used with the sign of one
-    (flagged = predicted to help): only ranks and signs are meaningful there.
-    """
-    if s.method == "gradient":
-        return [-t for t in s.tensors()]
-    return s.tensors()
-
-
-def _fidelity(ck, space, scores: Dict[str, Scores], cfg: AnalyzeConfig, force: bool) -> None:
-    from .report import pearson, spearman
-
-    path = ck.out / "fidelity.json"
-    methods = [m for m in scores if scores[m].method != "magnitude"]
-    numels = list(space.numels)
-    n = cfg.fidelity_samples
-    prev = read_json(path) if path.exists() and not force else {}
-    if prev.get("n_samples") == n and prev.get("summary"):
-        return
-    # Half from the methods' top candidates (shared out evenly), half uniformly at random.
-    gen = torch.Generator().manual_seed(1234)
-    chosen: Dict[int, str] = {}
-    per = (n // 2) // max(1, len(methods))
-    for m in methods:
-        c = scores[m].candidates(per * 4)
-        for gi in _global(c, numels).tolist():
-            if len(chosen) >= per * (methods.index(m) + 1):
-                break
-            chosen.setdefault(gi, f"top-{m}")
-    total = sum(numels)
-    while len(chosen) < n:
-        gi = int(torch.randint(total, (1,), generator=gen))
-        chosen.setdefault(gi, "random")
-    ends = torch.tensor(numels).cumsum(0)
-    flat_pred = {m: torch.cat([t.reshape(-1) for t in implied_change(scores[m])]) for m in methods}
-    old = {(s["tensor_index"], s["flat_index"]): s for s in prev.get("samples", [])}
-    samples = []
-    dtype = getattr(torch, cfg.fidelity_dtype)
-    evaluator = ZeroingEvaluator(ck.model, space, ck.dev, dtype=dtype)
-    items = sorted(chosen.items())
-    bar = tqdm(items, desc=f"{ck.name} fidelity", disable=not cfg.progress, leave=False)
-    for j, (gi, origin) in enumerate(bar):
-        t = int(torch.searchsorted(ends, torch.tensor(gi), right=True))
-        f = gi - (int(ends[t]) - numels[t])
-        key = (t, f)
-        if key in old:
-            samples.append(old[key])
-            continue
-        samples.append(
-            {
-                "name": space.names[t],
-                "tensor_index": t,
-                "flat_index": f,
-                "origin": origin,
-                "value": float(space.params[t].detach().reshape(-1)[f]),
-                "actual": evaluator.delta(t, f),
-                "predicted": {m: float(flat_pred[m][gi]) for m in methods},
-            }
-        )
-        if j % 10 == 9:
-            write_json(path, {"n_samples": n, "samples": samples, "summary": None})
-    actual = torch.tensor([s["actual"] for s in samples], dtype=torch.float64)
-    summary = {}
-    for m in methods:
-        pred = torch.tensor([s["predicted"][m] for s in samples], dtype=torch.float64)
-        summary[m] = {
-            "spearman": spearman(pred, actual),
-            "pearson": pearson(pred, actual),
-            "sign_agreement": float((torch.sign(pred) == torch.sign(actual)).double().mean()),
-            "n": len(samples),
-        }
-    write_json(
-        path,
-        {"n_samples": n, "dtype": cfg.fidelity_dtype, "base_loss": evaluator.base,
-         "samples": samples, "summary": summary},
-    )  # fmt: skip
