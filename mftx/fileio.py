@@ -14,7 +14,7 @@
   a string starting with ``./`` or ``../`` (a path relative to the working
   directory) is written relative to a root directory (the run directory, the
   report directory, the checkpoint directory), always in the form ``.``,
-  ``./x`` or ``../x``. `loads` with the same root turns such strings back into
+  ``..``, ``./x`` or ``../x``. `loads` with the same root turns such strings back into
   absolute `Path` objects, so a document copied into a file with another root
   is re-expressed correctly.
 """
@@ -98,8 +98,9 @@ def atomic_write(path: PathLike, data: Union[str, bytes]) -> Path:
 
 
 def is_relative_path_text(text: str) -> bool:
-    """Whether `text` has the form this module writes relative paths in (``.``, ``./``, ``../``)."""
-    return text == "." or text.startswith("./") or text.startswith("../")
+    """Whether `text` has the form this module writes relative paths in (``.``, ``..``,
+    ``./x``, ``../x``)."""
+    return text in (".", "..") or text.startswith("./") or text.startswith("../")
 
 
 def _absolute(path: PathLike) -> Path:

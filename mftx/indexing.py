@@ -44,6 +44,8 @@ class FlatIndex:
     def split(self, global_index: Index) -> Tuple[Index, Index]:
         """(tensor index, flat index) of a global index (ints, or int64 tensors elementwise)."""
         if isinstance(global_index, torch.Tensor):
+            if global_index.is_floating_point() or global_index.is_complex():
+                raise TypeError(f"global indices must be integers, got {global_index.dtype}")
             g = global_index.to(torch.int64)
             if g.numel() and (int(g.min()) < 0 or int(g.max()) >= self.total):
                 raise IndexError(f"global index out of range [0, {self.total})")

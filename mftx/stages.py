@@ -76,8 +76,8 @@ def flatten_settings(settings: Mapping[str, Any], prefix: str = "") -> Dict[str,
 
 
 def _short(value: Any) -> str:
-    text = repr(value)
-    return text[:12] + "…" if isinstance(value, str) and len(value) == 64 else text
+    """A fingerprint shortened to 12 hex digits."""
+    return value[:12] + "…" if isinstance(value, str) and len(value) == 64 else repr(value)
 
 
 @dataclass

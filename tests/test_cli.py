@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 
@@ -183,6 +184,201 @@ def test_outputs_hold_no_absolute_path(workspace, finetuned, analyzed):
     assert checked > 20
     cmd = _json(out / "analysis.json")["command"]
     assert cmd[:3] == ["mftx", "analyze", "../ft"] and cmd[cmd.index("--out") + 1] == "."
+
+
+# ---------------------------------------------------------------- resuming
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts of the expensive steps of `analyze`: scoring, evaluations, zeroings."""
+    import mftx.analysis as analysis
+    import mftx.fidelity as fidelity
+
+    counts = {"score": [], "evaluate": 0, "delta": 0}
+    real_score, real_eval = analysis.score_with_config, analysis.evaluate
+    real_delta = fidelity.ZeroingEvaluator.delta
+
+    def score(model, train, val, cfg, **kw):
+        counts["score"].append(cfg.method if cfg.curvature == "hessian" else "influence-ggn")
+        return real_score(model, train, val, cfg, **kw)
+
+    def evaluate(*args):
+        counts["evaluate"] += 1
+        return real_eval(*args)
+
+    def delta(self, t, f):
+        counts["delta"] += 1
+        return real_delta(self, t, f)
+
+    monkeypatch.setattr(analysis, "score_with_config", score)
+    monkeypatch.setattr(analysis, "evaluate", evaluate)
+    monkeypatch.setattr(fidelity.ZeroingEvaluator, "delta", delta)
+    return counts
+
+
+def _copy(analyzed, tmp_path):
+    out = tmp_path / "an"
+    shutil.copytree(analyzed[0], out)
+    return out, out / analyzed[1].name
+
+
+def _files(ck):
+    """File name -> (inode, mtime): an atomic rewrite changes the inode."""
+    return {f.name: (f.stat().st_ino, f.stat().st_mtime_ns) for f in ck.iterdir()}
+
+
+def _results(path):
+    return _json(path)["result"]
+
+
+def test_rerun_reuses_every_stage(workspace, finetuned, analyzed, tmp_path, calls):
+    out, ck = _copy(analyzed, tmp_path)
+    before = _files(ck)
+    assert _analyze(workspace[1], finetuned, out) == 0
+    assert calls == {"score": [], "evaluate": 0, "delta": 0}
+    assert _files(ck) == before
+
+
+def test_added_method_computes_only_its_stages(workspace, finetuned, tmp_path, calls):
+    from mftx.fidelity import choose_samples
+
+    data = workspace[1]
+    out = tmp_path / "an"
+    assert _analyze(data, finetuned, out, methods="gradient,influence", ks="5,50") == 0
+    ck = next(p for p in out.iterdir() if p.is_dir())
+    before = _files(ck)
+    old_keys = {
+        (s["tensor_index"], s["flat_index"]) for s in _results(ck / "fidelity.json")["samples"]
+    }
+    calls.update(score=[], evaluate=0, delta=0)
+    assert _analyze(data, finetuned, out, methods="gradient,influence,taylor", ks="5,50") == 0
+    assert calls["score"] == ["taylor"] and calls["evaluate"] == 2  # its sweep, nothing else
+    after = _files(ck)
+    changed = {f for f in after if before.get(f) != after[f]}
+    assert changed == {"scores-taylor.json", "scores-taylor.safetensors", "sweep-taylor.json",
+                       "fidelity.json"}  # fmt: skip
+    fid = _results(ck / "fidelity.json")
+    keys = {(s["tensor_index"], s["flat_index"]) for s in fid["samples"]}
+    assert calls["delta"] == len(keys - old_keys) <= 2  # taylor's share of the top half
+    assert set(fid["summary"]) == {"gradient", "influence", "taylor"}
+    # The same samples a fresh run would choose.
+    scores = {
+        m: mftx.Scores.load(ck / f"scores-{m}.safetensors")
+        for m in ("gradient", "influence", "taylor")
+    }
+    from mftx.indexing import FlatIndex
+
+    layout = FlatIndex.of(scores["gradient"].tensors())
+    fresh = {layout.split(g) for g in choose_samples(scores, 12)}
+    assert keys == fresh
+
+
+def test_new_k_evaluates_only_that_point(workspace, finetuned, analyzed, tmp_path, calls):
+    out, ck = _copy(analyzed, tmp_path)
+    old = _results(ck / "sweep-influence.json")["points"]
+    assert _analyze(workspace[1], finetuned, out, ks="5,20,50,500") == 0
+    assert calls == {"score": [], "evaluate": 4, "delta": 0}  # one point per method
+    new = _results(ck / "sweep-influence.json")["points"]
+    assert [p["k"] for p in new] == [5, 20, 50, 500]
+    assert [p for p in new if p["k"] != 20] == old
+
+
+def test_more_fidelity_samples_measure_only_the_new_ones(
+    workspace, finetuned, analyzed, tmp_path, calls
+):
+    out, ck = _copy(analyzed, tmp_path)
+    old = {
+        (s["tensor_index"], s["flat_index"]): s["actual"]
+        for s in _results(ck / "fidelity.json")["samples"]
+    }
+    assert _analyze(workspace[1], finetuned, out, samples="16") == 0
+    assert calls == {"score": [], "evaluate": 0, "delta": 4}
+    new = {
+        (s["tensor_index"], s["flat_index"]): s["actual"]
+        for s in _results(ck / "fidelity.json")["samples"]
+    }
+    assert len(new) == 16 and {k: new[k] for k in old} == old
+
+
+def _interrupt_after(monkeypatch, owner, name, n):
+    real = getattr(owner, name)
+    count = [0]
+
+    def wrapped(*args):
+        if count[0] == n:
+            raise KeyboardInterrupt
+        count[0] += 1
+        return real(*args)
+
+    monkeypatch.setattr(owner, name, wrapped)
+
+
+def test_interrupted_fidelity_resumes(workspace, finetuned, analyzed, tmp_path, monkeypatch):
+    import mftx.fidelity as fidelity
+
+    out, ck = _copy(analyzed, tmp_path)
+    full = _results(ck / "fidelity.json")
+    (ck / "fidelity.json").unlink()
+    with monkeypatch.context() as m:
+        _interrupt_after(m, fidelity.ZeroingEvaluator, "delta", 5)
+        assert _analyze(workspace[1], finetuned, out) == 130
+    partial = _json(ck / "fidelity.json")
+    assert partial["state"] == "partial" and len(partial["result"]["samples"]) == 5
+    counts = {"n": 0}
+    real = fidelity.ZeroingEvaluator.delta
+    monkeypatch.setattr(
+        fidelity.ZeroingEvaluator, "delta",
+        lambda self, t, f: counts.__setitem__("n", counts["n"] + 1) or real(self, t, f),
+    )  # fmt: skip
+    assert _analyze(workspace[1], finetuned, out) == 0
+    assert counts["n"] == 7
+    assert _results(ck / "fidelity.json") == full
+
+
+def test_interrupted_sweep_resumes(workspace, finetuned, analyzed, tmp_path, monkeypatch, calls):
+    import mftx.analysis as analysis
+
+    out, ck = _copy(analyzed, tmp_path)
+    full = _results(ck / "sweep-taylor.json")
+    (ck / "sweep-taylor.json").unlink()
+    with monkeypatch.context() as m:
+        _interrupt_after(m, analysis, "evaluate", 1)
+        assert _analyze(workspace[1], finetuned, out) == 130
+    partial = _json(ck / "sweep-taylor.json")
+    assert partial["state"] == "partial" and [p["k"] for p in partial["result"]["points"]] == [5]
+    calls.update(evaluate=0)
+    assert _analyze(workspace[1], finetuned, out) == 0
+    assert calls == {"score": [], "evaluate": 2, "delta": 0}
+    assert _results(ck / "sweep-taylor.json") == full
+
+
+def test_other_settings_are_refused_naming_them(
+    workspace, finetuned, analyzed, tmp_path, capsys, calls
+):
+    out, ck = _copy(analyzed, tmp_path)
+    before = _files(ck)
+    assert _analyze(workspace[1], finetuned, out, "--damping", "2.0") == 1
+    err = capsys.readouterr().err
+    assert "damping = 1.0 on disk, 2.0 now" in err and "--force" in err
+    assert "scores-gradient.json" in err  # the first stage that uses it
+    assert calls == {"score": [], "evaluate": 0, "delta": 0} and _files(ck) == before
+    # Other data for the same checkpoint name: refused, naming the input.
+    assert _run("analyze", str(finetuned), "--data", str(workspace[1]), "--train-size", "24",
+                "--methods", "gradient", "--out", str(out)) == 1  # fmt: skip
+    err = capsys.readouterr().err
+    assert "train_size = 32 on disk, 24 now" in err and "input 'train' differs" in err
+
+
+def test_force_recomputes_everything(workspace, finetuned, analyzed, tmp_path, calls):
+    out, ck = _copy(analyzed, tmp_path)
+    before = _files(ck)
+    assert _analyze(workspace[1], finetuned, out, "--damping", "2.0", "--force") == 0
+    assert sorted(calls["score"]) == sorted(METHODS.split(","))
+    assert calls["evaluate"] == 1 + 4 * 3 and calls["delta"] == 12
+    after = _files(ck)
+    assert all(after[f] != before[f] for f in before)
+    assert _json(ck / "scores-influence.json")["settings"]["score"]["damping"] == 2.0
 
 
 def test_sweep_leaves_weights_bitwise_unchanged(workspace, finetuned):
