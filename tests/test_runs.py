@@ -91,7 +91,7 @@ def _records():
             True,
             "tol reached",
             25,
-        ),  # fmt: skip
+        ),
         Sweep("gradient", base, [SweepPoint(5, 5, 0.61, 0.6, 872)], True),
         Overlap.of_counts(0, 3, 0, analysed_params=10, influence_method="influence"),
         Fidelity(
@@ -104,7 +104,7 @@ def _records():
                 )
             },
             0.66,
-        ),  # fmt: skip
+        ),
     ]
 
 
@@ -215,7 +215,7 @@ def test_more_samples_keep_every_earlier_one(seed, n1, extra, n_methods):
     assert len(tops) == (n1 + extra) // 2
     # Each method's share is its own top candidates, first ones first.
     layout = FlatIndex.of(next(iter(scores.values())).tensors())
-    first = list(scores)[0]
+    first = next(iter(scores))
     c = scores[first].candidates(1)
     if (n1 + extra) // 2:
         best = layout.to_global(int(c.tensor_index[0]), int(c.flat_index[0]))
