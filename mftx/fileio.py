@@ -26,7 +26,7 @@ import json
 import math
 import os
 import re
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Union
 
@@ -35,6 +35,7 @@ __all__ = [
     "FileFormatError",
     "atomic_target",
     "atomic_write",
+    "copy_json",
     "dumps",
     "is_relative_path_text",
     "loads",
@@ -73,8 +74,13 @@ def atomic_target(path: PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    while True:  # like mkstemp, but with the permissions the umask gives (not 0600)
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            break
+        except FileExistsError:
+            continue
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -266,3 +272,8 @@ def read_json(path: PathLike, root: Optional[PathLike] = None) -> Any:
         ) from None
     except ValueError as exc:
         raise FileFormatError(path, str(exc)) from None
+
+
+def copy_json(src: PathLike, dst: PathLike) -> Path:
+    """Copy a JSON file `write_json` wrote, re-expressing its relative paths for `dst`'s place."""
+    return write_json(dst, read_json(src))

@@ -101,6 +101,12 @@ def test_write_json_is_atomic(tmp_path):
         raise Boom
     assert json.loads(path.read_text()) == {"a": 1}
     assert sorted(os.listdir(path.parent)) == ["f.json"]  # no temporary file left
+    umask = os.umask(0o022)
+    try:
+        fileio.atomic_write(path, "x")
+        assert path.stat().st_mode & 0o777 == 0o644  # as open() would create it
+    finally:
+        os.umask(umask)
 
 
 def test_read_json_errors_name_the_file(tmp_path):
@@ -131,3 +137,14 @@ def test_relative_never_gives_an_absolute_path(tmp_path):
         assert not os.path.isabs(fileio.relative(p, tmp_path))
         assert fileio.is_relative_path_text(fileio.relative(p, tmp_path))
     assert Path(os.path.normpath(tmp_path / fileio.relative("/etc", tmp_path))) == Path("/etc")
+
+
+def test_copy_json_keeps_paths_pointing_at_the_same_place(tmp_path):
+    src = tmp_path / "runs" / "ft" / "finetune.json"
+    fileio.write_json(src, {"data": tmp_path / "sst2", "x": math.nan})
+    dst = fileio.copy_json(src, tmp_path / "docs" / "results" / "ft.json")
+    assert _strict(src.read_text())["data"] == "../../sst2"
+    assert _strict(dst.read_text())["data"] == "../../sst2"
+    fileio.copy_json(src, tmp_path / "a" / "b" / "c" / "ft.json")
+    back = fileio.read_json(tmp_path / "a" / "b" / "c" / "ft.json")
+    assert back["data"] == tmp_path / "sst2" and math.isnan(back["x"])

@@ -475,3 +475,18 @@ def test_report_without_matplotlib(run_dir: Path, monkeypatch, caplog) -> None:
     assert not list(out.glob("*.png"))
     assert "matplotlib" in caplog.text
     assert "matplotlib is not installed" in (out / "report.md").read_text()
+
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "results"
+
+
+def test_committed_results_are_portable_and_rebuild_their_report() -> None:
+    """docs/results names no machine path, and its report.md is what its results.json gives."""
+    import re
+
+    for f in DOCS.iterdir():
+        if f.suffix in (".json", ".md", ".csv", ".sh"):
+            assert not re.search(r"(?<![\w.])/(work|root|home|tmp|Users)/", f.read_text()), f
+    run = load_results(DOCS / "results.json")
+    assert [c.name for c in run.checkpoints] == ["ckpt-60", "ckpt-75", "ckpt10k-85"]
+    assert render_markdown(run, [], DOCS) == (DOCS / "report.md").read_text()
