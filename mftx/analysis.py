@@ -199,9 +199,13 @@ def analyze(
     if cfg.data is not None:
         config["data"] = Path(cfg.data)
     index = RunIndex(config, names, list(command or []), __version__)
-    fileio.write_json(out / "analysis.json", index, root=out)
+    # The index describes what the records hold: a new run's settings replace the old
+    # ones once it has finished (a refused or interrupted rerun leaves them as they were).
+    if force or not (out / "analysis.json").is_file():
+        fileio.write_json(out / "analysis.json", index, root=out)
     for path in checkpoints:
         _analyze_checkpoint(_Checkpoint(Path(path), cfg, out, force), cfg)
+    fileio.write_json(out / "analysis.json", index, root=out)
     return index
 
 

@@ -1,6 +1,6 @@
 """Resumable stages: a result on disk is reused only if computed the same way from the same inputs.
 
-A `Stage` is one result file of a run directory (a `mftx.records.StageRecord`)
+A `Stage` is one result file of a run directory (a `mftx.schema.StageRecord`)
 together with the settings and input fingerprints the current run asks for.
 `Stage.previous()` decides, the same way for every stage:
 
@@ -23,7 +23,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from . import fileio, records
+from . import fileio, schema
 from .masking import fingerprint
 
 __all__ = ["Stage", "StageMismatch", "digest_batches", "digest_tensors", "flatten_settings"]
@@ -101,7 +101,7 @@ class Stage:
         # As the settings read back from disk: tuples become lists, paths absolute.
         self.settings = fileio.loads(fileio.dumps(self.settings, self.root), self.root)
 
-    def differences(self, rec: records.StageRecord) -> List[str]:
+    def differences(self, rec: schema.StageRecord) -> List[str]:
         """What differs between `rec` and this run's settings and inputs, one phrase each."""
         out = []
         have = flatten_settings(rec.settings)
@@ -122,18 +122,18 @@ class Stage:
                 out.append(f"input {key!r} differs ({what}, {_short(want)} now)")
         return out
 
-    def previous(self) -> Optional[records.StageRecord]:
+    def previous(self) -> Optional[schema.StageRecord]:
         """The record to reuse or resume, None to start afresh; raises `StageMismatch`."""
         if self.force or not self.path.is_file():
             return None
-        rec = records.read_stage(self.path, self.kind, self.root)
+        rec = schema.read_stage(self.path, self.kind, self.root)
         diff = self.differences(rec)
         if diff:
             raise StageMismatch(self.path, diff)
         return rec
 
-    def save(self, result: Any, complete: bool = True) -> records.StageRecord:
-        rec = records.StageRecord(
+    def save(self, result: Any, complete: bool = True) -> schema.StageRecord:
+        rec = schema.StageRecord(
             self.kind, self.settings, self.inputs, "complete" if complete else "partial", result
         )
         fileio.write_json(self.path, rec, root=self.root)

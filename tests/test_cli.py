@@ -357,12 +357,13 @@ def test_other_settings_are_refused_naming_them(
     workspace, finetuned, analyzed, tmp_path, capsys, calls
 ):
     out, ck = _copy(analyzed, tmp_path)
-    before = _files(ck)
+    before, index = _files(ck), (out / "analysis.json").read_text()
     assert _analyze(workspace[1], finetuned, out, "--damping", "2.0") == 1
     err = capsys.readouterr().err
     assert "damping = 1.0 on disk, 2.0 now" in err and "--force" in err
     assert "scores-gradient.json" in err  # the first stage that uses it
     assert calls == {"score": [], "evaluate": 0, "delta": 0} and _files(ck) == before
+    assert (out / "analysis.json").read_text() == index  # still describes the records
     # Other data for the same checkpoint name: refused, naming the input.
     assert _run("analyze", str(finetuned), "--data", str(workspace[1]), "--train-size", "24",
                 "--methods", "gradient", "--out", str(out)) == 1  # fmt: skip

@@ -17,18 +17,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 from .. import fileio
 from ..fileio import FileFormatError
-from ..records import (
-    CheckpointInfo,
-    Fidelity,
-    Overlap,
-    Reader,
-    RunIndex,
-    ScoresInfo,
-    StageRecord,
-    Sweep,
-    kind_of,
-    read_stage,
-)
+from ..records import CheckpointInfo, Fidelity, Overlap, RunIndex, ScoresInfo, Sweep
+from ..schema import Reader, StageRecord, kind_of, read_stage
 
 __all__ = ["METHOD_ORDER", "REPORT_FORMAT", "Checkpoint", "Run", "load_results", "load_run",
            "order_methods"]  # fmt: skip

@@ -6,11 +6,12 @@ missing results show as ``(missing)`` rows, undefined numbers as ``n/a``.
 
 from __future__ import annotations
 
+import functools
 import math
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Union
+from typing import Any, Callable, List, Optional, Sequence, Union
 
 from .. import fileio
 from ..records import Overlap, SweepPoint
@@ -94,47 +95,52 @@ def masking_rows(run: Run) -> List[MaskingRow]:
     return rows
 
 
-def fmt_accuracy(x: Optional[float]) -> str:
-    """An accuracy fraction as a percentage with one decimal: 0.6044 → ``60.4 %``."""
-    if x is None or math.isnan(x):
-        return NA
+def _or_na(fmt: Callable[[Any], str]) -> Callable[[Any], str]:
+    """`fmt`, with None and NaN shown as ``n/a``."""
+
+    @functools.wraps(fmt)
+    def wrapped(x: Any) -> str:
+        if x is None or (isinstance(x, float) and math.isnan(x)):
+            return NA
+        return fmt(x)
+
+    return wrapped
+
+
+@_or_na
+def fmt_accuracy(x: float) -> str:
+    """A fraction as a percentage with one decimal: 0.6044 → ``60.4 %`` (accuracies, rates)."""
     return f"{100.0 * x:.1f} %"
 
 
-def fmt_points(x: Optional[float]) -> str:
+fmt_rate = fmt_accuracy
+
+
+@_or_na
+def fmt_points(x: float) -> str:
     """A signed difference in accuracy points with two decimals: ``+1.15``, ``-0.23``."""
-    if x is None or math.isnan(x):
-        return NA
     text = f"{x:+.2f}"
     return "0.00" if text in ("+0.00", "-0.00") else text
 
 
-def fmt_share(x: Optional[float]) -> str:
+@_or_na
+def fmt_share(x: float) -> str:
     """A small percentage with at least four decimals and three significant digits."""
-    if x is None or math.isnan(x):
-        return NA
     if x == 0.0:
         return "0.0000 %"
     decimals = max(4, 2 - math.floor(math.log10(abs(x))))
     return f"{x:.{decimals}f} %"
 
 
-def fmt_count(n: Optional[int]) -> str:
+@_or_na
+def fmt_count(n: int) -> str:
     """An integer with thousands separators: 22713986 → ``22,713,986``."""
-    return NA if n is None else f"{n:,}"
+    return f"{n:,}"
 
 
-def fmt_rate(x: Optional[float]) -> str:
-    """A fraction as a percentage with one decimal; NaN or None as ``n/a``."""
-    if x is None or math.isnan(x):
-        return NA
-    return f"{100.0 * x:.1f} %"
-
-
-def fmt_corr(x: Optional[float]) -> str:
-    """A correlation with three decimals; NaN as ``n/a``."""
-    if x is None or math.isnan(x):
-        return NA
+@_or_na
+def fmt_corr(x: float) -> str:
+    """A correlation with three decimals."""
     return f"{x:.3f}"
 
 
