@@ -382,7 +382,12 @@ class RunIndex:
         r = Reader(obj, path)
         fmt = r.raw("format", None)
         if fmt != ANALYSIS_FORMAT:
-            raise FileFormatError(path, f"format is {fmt!r}, expected {ANALYSIS_FORMAT!r}")
+            hint = (
+                " (an older mftx wrote it: rerun `mftx analyze --force`)"
+                if fmt == "mftx.analysis/1"
+                else ""
+            )
+            raise FileFormatError(path, f"format is {fmt!r}, expected {ANALYSIS_FORMAT!r}{hint}")
         names = r.list("checkpoints")
         if not all(isinstance(n, str) and n and "/" not in n for n in names):
             raise r.fail("checkpoints", "must be a list of directory names")

@@ -200,9 +200,12 @@ def test_missing_analysis_json(tmp_path: Path) -> None:
 
 
 def test_wrong_format(tmp_path: Path) -> None:
-    run_dir = make_run(tmp_path, {}, fmt="mftx.analysis/9")
+    run_dir = make_run(tmp_path / "a", {}, fmt="mftx.analysis/9")
     with pytest.raises(RunFormatError, match=r"analysis\.json.*mftx\.analysis/9"):
         load_run(run_dir)
+    old = make_run(tmp_path / "b", {}, fmt="mftx.analysis/1")
+    with pytest.raises(RunFormatError, match=r"older mftx.*--force"):
+        load_run(old)
 
 
 def test_malformed_json_names_the_file(tmp_path: Path) -> None:
