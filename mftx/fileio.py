@@ -15,8 +15,8 @@
   directory) is written relative to a root directory (the run directory, the
   report directory, the checkpoint directory), always in the form ``.``,
   ``..``, ``./x`` or ``../x``. `loads` with the same root turns such strings back into
-  absolute `Path` objects, so a document copied into a file with another root
-  is re-expressed correctly.
+  absolute path strings, so a document copied into a file with another root is
+  re-expressed correctly (and what is read holds JSON types only).
 """
 
 from __future__ import annotations
@@ -215,7 +215,7 @@ def _resolve_pointer(doc: Any, pointer: str) -> tuple:
 def _decode(value: Any, root: Optional[Path]) -> Any:
     if isinstance(value, str):
         if root is not None and is_relative_path_text(value):
-            return Path(os.path.normpath(root / value))
+            return os.path.normpath(root / value)
         return value
     if isinstance(value, dict):
         return {k: _decode(v, root) for k, v in value.items()}
@@ -225,7 +225,7 @@ def _decode(value: Any, root: Optional[Path]) -> Any:
 
 
 def loads(text: str, root: Optional[PathLike] = None) -> Any:
-    """Parse what `dumps` wrote: non-finite numbers restored, paths absolute under `root`.
+    """Parse what `dumps` wrote: non-finite numbers restored, paths made absolute under `root`.
 
     With `root` None, relative path strings are left as they are. Raises
     ValueError for invalid JSON or an invalid ``non_finite`` record.

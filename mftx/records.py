@@ -7,8 +7,9 @@ One class per stage result, registered for its kind (`mftx.schema.register`):
 `RunIndex` is the run directory's ``analysis.json``. The writer
 (`mftx.analysis`) and the readers (`mftx.report`) use the same classes.
 
-Paths in records are `Path` objects in memory and relative to the file's root
-on disk (see `mftx.fileio`). Errors name the file and the field.
+Paths are relative to the file's root on disk and absolute in memory (typed
+fields such as `CheckpointInfo.path` as `Path`, paths inside free-form
+metadata as strings; see `mftx.fileio`). Errors name the file and the field.
 """
 
 from __future__ import annotations
@@ -359,8 +360,9 @@ class Fidelity:
 class RunIndex:
     """``analysis.json``: the run's settings, command and checkpoints (directory names).
 
-    ``command`` is the argument list, path arguments as `Path` (written
-    relative to the run directory, so the command runs from there).
+    ``command`` is the argument list; path arguments (`Path` when written,
+    absolute strings when read) are stored relative to the run directory, so
+    the command runs from there.
     """
 
     config: Dict[str, Any]

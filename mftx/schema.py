@@ -18,6 +18,7 @@ payload: a class registered for its kind with `register`, which has
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Type, Union
@@ -108,9 +109,12 @@ class Reader:
         return value
 
     def path(self, key: str, default: Any = None) -> Optional[Path]:
+        """A path (written relative, read back absolute by `mftx.fileio`)."""
         value = self.raw(key, default)
         if value is None or isinstance(value, Path):
             return value
+        if isinstance(value, str) and os.path.isabs(value):
+            return Path(value)
         raise self.fail(key, f"must be a relative path ('./...' or '../...'), got {value!r}")
 
     def dict(self, key: str, default: Any = _REQUIRED) -> Dict[str, Any]:

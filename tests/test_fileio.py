@@ -77,11 +77,12 @@ def test_paths_are_written_relative_to_the_root_and_read_back_absolute(tmp_path,
         "plain": "runs/not-a-recognised-path",
         "sentence": "a/b is not a path",
     }
-    back = fileio.loads(fileio.dumps(doc, root), root)
-    assert back["path"] == tmp_path / "data" / "x.tsv"
-    assert back["abs_text"] == tmp_path / "run" / "ckpt"
-    assert back["cwd_relative"] == tmp_path.parent / "elsewhere"
-    assert back["root"] == root and back["parent"] == root.parent
+    back = fileio.loads(fileio.dumps(doc, root), root)  # JSON types only: absolute strings
+    assert back["path"] == str(tmp_path / "data" / "x.tsv")
+    assert back["abs_text"] == str(tmp_path / "run" / "ckpt")
+    assert back["cwd_relative"] == str(tmp_path.parent / "elsewhere")
+    assert back["root"] == str(root) and back["parent"] == str(root.parent)
+    assert back["plain"] == doc["plain"]
     # Written again under another root, the same places are named from there.
     assert _strict(fileio.dumps(back, tmp_path))["path"] == "./data/x.tsv"
 
@@ -147,4 +148,4 @@ def test_copy_json_keeps_paths_pointing_at_the_same_place(tmp_path):
     assert _strict(dst.read_text())["data"] == "../../sst2"
     fileio.copy_json(src, tmp_path / "a" / "b" / "c" / "ft.json")
     back = fileio.read_json(tmp_path / "a" / "b" / "c" / "ft.json")
-    assert back["data"] == tmp_path / "sst2" and math.isnan(back["x"])
+    assert back["data"] == str(tmp_path / "sst2") and math.isnan(back["x"])

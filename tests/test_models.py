@@ -191,7 +191,7 @@ def test_save_load_roundtrip(tiny_dir, tmp_path):
     assert {"model.safetensors", "config.json", "tokenizer_config.json", METADATA_FILE} <= names
     assert not [n for n in names if n.endswith((".bin", ".pt", ".pkl", ".pth", ".tmp"))]
     # Paths are stored relative to the checkpoint directory and read back absolute.
-    assert read_metadata(out) == {**meta, "dir": tmp_path}
+    assert read_metadata(out) == {**meta, "dir": str(tmp_path)}
     assert json.loads((out / METADATA_FILE).read_text(encoding="utf-8"))["dir"] == ".."
     assert json.loads((out / METADATA_FILE).read_text(encoding="utf-8"))["step"] == 48
 

@@ -135,7 +135,7 @@ def test_file_names_and_kinds():
 def test_run_index_checks_its_fields(tmp_path):
     good = RunIndex({"methods": ["gradient"]}, ["ckpt-60"], ["mftx", "analyze", tmp_path])
     doc = fileio.loads(fileio.dumps(good, tmp_path / "run"), tmp_path / "run")
-    assert RunIndex.from_json(doc, "analysis.json").command[2] == tmp_path
+    assert RunIndex.from_json(doc, "analysis.json").command[2] == str(tmp_path)
     with pytest.raises(fileio.FileFormatError, match="directory names"):
         RunIndex.from_json({**doc, "checkpoints": ["a/b"]}, "analysis.json")
 

@@ -32,7 +32,8 @@ def _row_dict(row: MaskingRow) -> Dict[str, Any]:
 
 
 def run_to_dict(run: Run) -> Dict[str, Any]:
-    """Everything in the run as one document (paths as `Path`, NaN as float)."""
+    """Everything in the run as one document, for `mftx.fileio.write_json` (which writes
+    paths relative to the file and NaN as null)."""
     best: Dict[str, list] = {}
     for row in masking_rows(run):
         best.setdefault(row.checkpoint, []).append(_row_dict(row))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -325,10 +326,13 @@ def format_tables(run: Run) -> str:
 
 
 def command_text(command: Sequence[Union[str, Path]], root: Path) -> str:
-    """The recorded command as a shell line, path arguments relative to `root`."""
-    return " ".join(
-        shlex.quote(fileio.relative(a, root) if isinstance(a, Path) else str(a)) for a in command
-    )
+    """The recorded command as a shell line, path arguments (absolute once read) relative
+    to `root`."""
+
+    def arg(a: Union[str, Path]) -> str:
+        return fileio.relative(a, root) if isinstance(a, Path) or os.path.isabs(a) else a
+
+    return " ".join(shlex.quote(arg(a)) for a in command)
 
 
 CSV_HEADER = ("checkpoint", "method", "k", "removed", "accuracy", "loss", "baseline_accuracy")
