@@ -97,7 +97,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         model=args.model, data=args.data, train_size=args.train_size, batch_size=args.batch_size,
         lr=args.lr, weight_decay=args.weight_decay, epochs=args.epochs,
         max_length=args.max_length, targets=args.targets, eval_every=args.eval_every,
-        seed=args.seed, prefix=args.prefix, progress=not args.no_progress,
+        seed=args.seed, prefix=args.prefix, schedule=args.schedule, warmup_ratio=args.warmup_ratio,
+        state_every=args.state_every, progress=not args.no_progress,
     )  # fmt: skip
     _setup_logging(Path(args.out), "finetune", args)
     summary = finetune(cfg, Path(args.out), force=args.force)
@@ -249,6 +250,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=4, help="evaluate every N steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prefix", default="ckpt", help="checkpoint names: PREFIX-<target %%>")
+    p.add_argument(
+        "--schedule", choices=["constant", "linear"], default="constant",
+        help="learning rate: constant, or linear warmup then linear decay to 0",
+    )  # fmt: skip
+    p.add_argument("--warmup-ratio", type=float, default=0.0, help="share of steps warming up")
+    p.add_argument(
+        "--state-every", type=int, default=0, metavar="N",
+        help="save the training state every N steps (at an evaluation) so that an interrupted "
+        "run resumes there; 0: never",
+    )  # fmt: skip
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--force", action="store_true", help="fine-tune again over a completed run")
     _common(p)
