@@ -24,15 +24,20 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 
-from . import __version__, fileio, masking, records
-from .data import load_sst2, make_batches
-from .evaluate import evaluate, length_sorted
+from . import __version__, fileio, groups, masking, records
+from .data import load_sst2
+from .evaluate import evaluate
 from .experiments import _help
-from .fidelity import run_fidelity
+from .fidelity import implied_change, run_fidelity
+from .groups import GroupFidelity, GroupSample
+from .heldout import DevRows, RowSplit, two_fold
 from .indexing import FlatIndex
+from .location import Location, location_table, space_table
 from .models import load_classifier, read_metadata
 from .params import ParamSpace, select_params
+from .protocol import SplitInfo, run_random, run_sweeps
 from .records import Baseline, CheckpointInfo, Overlap, RunIndex, ScoresInfo, Sweep, SweepPoint
 from .scores import METHODS, Scores
 from .scoring import ScoreConfig, score_with_config
@@ -43,6 +48,8 @@ __all__ = ["DEFAULT_KS", "AnalyzeConfig", "analyze", "overlap", "parse_method"]
 log = logging.getLogger("mftx")
 
 DEFAULT_KS = (100, 500, 1000, 5000, 10000, 50000, 100000)
+DEFAULT_GROUP_KS = (10, 100, 1000, 10000)
+DEFAULT_LOCATION_KS = (100, 1000, 5000)
 
 
 @dataclass
@@ -75,6 +82,31 @@ class AnalyzeConfig:
     on_negative_curvature: str = _help("raise | stop", "stop")
     fidelity_samples: int = _help("parameters zeroed one at a time for the fidelity check", 500)
     fidelity_dtype: str = _help("float64 | float32 for the fidelity evaluation", "float64")
+    heldout: bool = _help(
+        "also run the held-out protocol: a seeded two-fold split of dev; validation "
+        "gradient, scores and best k from one half, accuracy on the other (both ways)",
+        False,
+    )
+    split_seed: int = _help("seed of the two-fold dev split", 0)
+    random_draws: int = _help(
+        "held-out: draws of the random-k control (k random analysed parameters; 0: none)", 0
+    )
+    group_subsets: int = _help(
+        "held-out: random subsets per k for group fidelity (0: no group fidelity)", 0
+    )
+    group_ks: Sequence[int] = _help(
+        "group fidelity: subset sizes", default_factory=lambda: list(DEFAULT_GROUP_KS)
+    )
+    group_flagged: int = _help("group fidelity: random k-subsets of each flagged set", 10)
+    group_quadratic: int = _help(
+        "group fidelity: random subsets per k that also get the second-order group term "
+        "½ θ_Sᵀ H θ_S (one validation Hessian-vector product each)",
+        0,
+    )
+    location_ks: Sequence[int] = _help(
+        "top-k sets whose layers and module kinds are counted (with the flagged set)",
+        default_factory=lambda: list(DEFAULT_LOCATION_KS),
+    )
     progress: bool = _help("show progress bars", True)
 
     def validate(self) -> None:
@@ -89,6 +121,15 @@ class AnalyzeConfig:
             raise ValueError("fidelity_samples must be >= 0")
         if self.fidelity_dtype not in ("float64", "float32"):
             raise ValueError("fidelity_dtype must be float64 or float32")
+        for name in ("random_draws", "group_subsets", "group_flagged", "group_quadratic"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.heldout:
+            used = [n for n in ("random_draws", "group_subsets") if getattr(self, n)]
+            if used:
+                raise ValueError(f"{', '.join(used)} need the held-out protocol (heldout=True)")
+        masking.check_ks(list(self.group_ks))
+        masking.check_ks(list(self.location_ks))
 
     def score_config(self, label: str) -> ScoreConfig:
         method, curvature = parse_method(label)
@@ -149,10 +190,9 @@ class _Checkpoint:
             cfg.data, cfg.train_size, seed, tokenizer=self.tok, max_length=cfg.max_length
         )
         self.train = self.data.train_batches(cfg.batch_size, shuffle=True, seed=seed)
-        dev_sorted = length_sorted(self.data.dev, self.tok)
-        self.dev = make_batches(
-            dev_sorted, self.tok, cfg.eval_batch_size, max_length=cfg.max_length
-        )
+        #: The dev rows; their batches are length-sorted (metrics do not depend on order).
+        self.rows = DevRows(self.data.dev, self.tok, cfg.eval_batch_size, cfg.max_length)
+        self.dev = self.rows.batches
         #: Settings that define the dev batches, and those plus the training batches.
         self.eval_settings = {"eval_batch_size": cfg.eval_batch_size, "max_length": cfg.max_length}
         self.data_settings = {
@@ -230,6 +270,10 @@ def _analyze_checkpoint(ck: _Checkpoint, cfg: AnalyzeConfig) -> None:
             stage, ck.model, space, ck.dev, scores, cfg.fidelity_samples, cfg.fidelity_dtype,
             progress=cfg.progress, desc=f"{ck.name} fidelity",
         )  # fmt: skip
+    for label, s in scores.items():
+        _location(ck, space, label, s, digests[label], cfg.location_ks)
+    if cfg.heldout:
+        _heldout(ck, space, cfg, scores, digests)
 
 
 def _checkpoint_info(ck: _Checkpoint, space: ParamSpace) -> CheckpointInfo:
@@ -250,12 +294,29 @@ def _checkpoint_info(ck: _Checkpoint, space: ParamSpace) -> CheckpointInfo:
     return stage.save(info).result
 
 
-def _scores(ck: _Checkpoint, space: ParamSpace, label: str, cfg: AnalyzeConfig):
-    """The scores of method `label` (a label such as 'influence-ggn') and their digest."""
+def _scores(
+    ck: _Checkpoint, space: ParamSpace, label: str, cfg: AnalyzeConfig,
+    half: Optional[Tuple[str, RowSplit]] = None,
+):  # fmt: skip
+    """The scores of method `label` (a label such as 'influence-ggn') and their digest.
+
+    With `half` = (name, split), the validation gradient comes from that half of
+    the dev rows only (held-out protocol); the files are ``scores-<label>@<name>``.
+    """
     scfg = cfg.score_config(label)
     settings = {"data": ck.data_settings, "score": _score_settings(scfg)}
-    stage = ck.stage("scores", label, settings, ck.inputs, defaults=_SCORE_DEFAULTS)
-    file = ck.out / f"scores-{label}.safetensors"
+    val, inputs, name = ck.dev, ck.inputs, label
+    if half is not None:
+        rows = half[1].half(half[0])
+        val = ck.rows.batches_for(rows)
+        settings["rows"] = {
+            "half": half[0],
+            "split": half[1].to_json()[f"sha256_{half[0].lower()}"],
+        }
+        inputs = {**ck.inputs, "dev": digest_batches(val)}
+        name = f"{label}@{half[0]}"
+    stage = ck.stage("scores", name, settings, inputs, defaults=_SCORE_DEFAULTS)
+    file = ck.out / f"scores-{name}.safetensors"
     prev = stage.previous()
     if prev is not None and file.is_file():
         s = Scores.load(file)
@@ -265,14 +326,14 @@ def _scores(ck: _Checkpoint, space: ParamSpace, label: str, cfg: AnalyzeConfig):
                 f"{file} does not match its record {stage.path.name} (changed or replaced); "
                 "rerun with --force to recompute it"
             )
-        log.info("%s: %s scores loaded from %s", ck.name, label, file.name)
+        log.info("%s: %s scores loaded from %s", ck.name, name, file.name)
         return s, digest
-    log.info("%s: scoring with %s", ck.name, label)
-    s = score_with_config(ck.model, ck.train, ck.dev, scfg, params=space)
+    log.info("%s: scoring with %s", ck.name, name)
+    s = score_with_config(ck.model, ck.train, val, scfg, params=space)
     s.save(file)
     digest = _digest(s)
-    stage.save(_scores_info(label, file.name, digest, s))
-    log.info("%s: %s done in %.1f s (%s)", ck.name, label, s.stats["seconds"], _brief(s))
+    stage.save(_scores_info(name, file.name, digest, s))
+    log.info("%s: %s done in %.1f s (%s)", ck.name, name, s.stats["seconds"], _brief(s))
     return s, digest
 
 
@@ -351,3 +412,162 @@ def _overlap(ck, scores: Dict[str, Scores], digests: Dict[str, str], label: str)
     if prev is not None:
         return prev.result
     return stage.save(overlap(scores["gradient"], scores[label], label)).result
+
+
+def _location(ck, space: ParamSpace, label: str, s: Scores, digest: str, ks) -> Location:
+    """Layers and module kinds of the method's top-k and flagged entries."""
+    ks = masking.check_ks(list(ks))
+    stage = ck.stage("location", label, {"ks": ks}, {"scores": digest})
+    prev = stage.previous()
+    if prev is not None:
+        return prev.result
+    names, shapes = space.names, space.shapes
+    sets = {f"top-{k}": location_table(names, shapes, s.candidates(k)) for k in ks}
+    if METHODS[s.method]["flag"] is not None:
+        sets["flagged"] = location_table(names, shapes, s.flagged())
+    return stage.save(Location(label, sets, space_table(names, shapes))).result
+
+
+# --------------------------------------------------------------------------- held-out protocol
+
+
+def _split(ck: _Checkpoint, cfg: AnalyzeConfig) -> RowSplit:
+    stage = ck.stage("split", None, {"seed": cfg.split_seed}, {"dev": ck.inputs["dev"]})
+    prev = stage.previous()
+    if prev is not None:
+        return prev.result.split
+    split = two_fold(ck.rows.labels.tolist(), cfg.split_seed)
+    return stage.save(SplitInfo(split)).result.split
+
+
+def _split_id(split: RowSplit) -> Dict[str, Any]:
+    d = split.to_json()
+    return {"seed": split.seed, "sha256_a": d["sha256_a"], "sha256_b": d["sha256_b"]}
+
+
+def _heldout(ck, space: ParamSpace, cfg: AnalyzeConfig, scores, digests) -> None:
+    """Fold scores, sweeps on every row set, the random-k control and group fidelity."""
+    split = _split(ck, cfg)
+    sets_of: Dict[str, Dict[str, Tuple[Scores, str]]] = {}
+    for label, s in scores.items():
+        sets = {"all": (s, digests[label])}
+        if "val" in METHODS[s.method]["uses"]:
+            for half in ("A", "B"):
+                sets[half] = _scores(ck, space, label, cfg, half=(half, split))
+        sets_of[label] = sets
+    base = {"data": ck.eval_settings, "split": _split_id(split)}
+    k_max = max(cfg.ks)
+    for label, sets in sets_of.items():
+        inputs = ck.dev_inputs(**{f"scores@{n}": d for n, (_, d) in sets.items()})
+        stage = ck.stage("heldout", label, base, inputs)
+        cands = {n: sc.candidates(k_max) for n, (sc, _) in sets.items()}
+        run_sweeps(stage, label, space, cands, cfg.ks, ck.model, ck.rows, split, cfg.progress)
+    if cfg.random_draws:
+        stage = ck.stage("heldout", "random", {**base, "seed": cfg.split_seed}, ck.dev_inputs())
+        run_random(stage, space, cfg.ks, cfg.random_draws, cfg.split_seed, ck.model, ck.rows,
+                   split, cfg.progress)  # fmt: skip
+    if cfg.group_subsets:
+        # Predictions from the selection half A, actual changes on the evaluation half B.
+        chosen = {label: sets.get("A", sets["all"])[0] for label, sets in sets_of.items()}
+        _group_fidelity(ck, space, cfg, split, chosen)
+
+
+def _group_fidelity(ck, space: ParamSpace, cfg: AnalyzeConfig, split: RowSplit,
+                    fold_scores: Dict[str, Scores]) -> GroupFidelity:  # fmt: skip
+    methods = {m: s for m, s in fold_scores.items() if s.method != "magnitude"}
+    layout = FlatIndex(space.numels)
+    ks = masking.check_ks(list(cfg.group_ks))
+    preds = {
+        m: torch.cat([t.reshape(-1).to(torch.float64) for t in implied_change(s)])
+        for m, s in methods.items()
+    }
+
+    def glob(c):
+        return layout.to_global(c.tensor_index, c.flat_index)
+
+    ranked = {m: glob(s.candidates(max(ks))) for m, s in methods.items()}
+    flagged = {m: glob(s.flagged()) for m, s in methods.items() if METHODS[s.method]["flag"]}
+    subsets = groups.draw(layout.total, ks, cfg.group_subsets, cfg.split_seed, ranked, flagged,
+                          cfg.group_flagged)  # fmt: skip
+    settings = {"data": ck.eval_settings, "split": _split_id(split), "rows": "B",
+                "dtype": cfg.fidelity_dtype}  # fmt: skip
+    stage = ck.stage("groupfid", None, settings, ck.dev_inputs())
+    prev = stage.previous()
+    done = {x.key: x for x in prev.result.samples} if prev is not None else {}
+    keys = {x.key() for x in subsets}
+    if (
+        prev is not None and prev.complete and keys <= set(done)
+        and not _needs_quadratic(subsets, done, cfg.group_quadratic)
+    ):  # fmt: skip
+        samples, base = [done[x.key()] for x in subsets], prev.result.base_loss
+    else:
+        base = prev.result.base_loss if prev is not None else None
+        samples, base = _measure_groups(ck, space, cfg, split, subsets, preds, done, stage, base)
+    for sample, sub in zip(samples, subsets):  # predictions follow the current scores
+        sample.predicted = {m: float(p[sub.index].sum()) for m, p in preds.items()}
+    return stage.save(GroupFidelity("B", base, samples, groups.summarize(samples))).result
+
+
+def _quadratic_keys(subsets, n: int) -> set:
+    """Keys of the first `n` random subsets of each k: those that get the quadratic term."""
+    seen: Dict[int, int] = {}
+    out = set()
+    for x in subsets:
+        if x.origin == "random" and seen.get(x.k, 0) < n:
+            seen[x.k] = seen.get(x.k, 0) + 1
+            out.add(x.key())
+    return out
+
+
+def _needs_quadratic(subsets, done, n: int) -> bool:
+    return any(done[k].quadratic is None for k in _quadratic_keys(subsets, n) if k in done)
+
+
+def _measure_groups(ck, space, cfg, split, subsets, preds, done, stage, base):
+    """Zero each subset not measured yet (float64 copy of the model); returns samples, base loss."""
+    import copy
+
+    from .hvp import Curvature
+    from .objective import default_loss
+
+    dtype = getattr(torch, cfg.fidelity_dtype)
+    model = copy.deepcopy(ck.model).to(dtype).eval()
+    own = dict(model.named_parameters())
+    params = [own[n] for n in space.names]
+    eval_batches = ck.rows.batches_for(split.b)
+
+    @torch.inference_mode()
+    def loss() -> float:
+        total, n = 0.0, 0
+        for b in eval_batches:
+            logits = model(**{k: v for k, v in b.items() if k != "labels"}).logits
+            total += float(F.cross_entropy(logits.double(), b["labels"], reduction="sum"))
+            n += b["labels"].shape[0]
+        return total / n
+
+    quad_keys = _quadratic_keys(subsets, cfg.group_quadratic)
+    quadratic = None
+    if quad_keys and "taylor" in preds:
+        space64 = ParamSpace(space.names, tuple(params), space.model_numel)
+        op = Curvature(model, space64, ck.rows.batches_for(split.a), default_loss(model))
+        theta = space64.flatten(space64.detached())
+
+        def quadratic(sub):
+            if sub.key() not in quad_keys:
+                return None
+            v = torch.zeros_like(theta)
+            v[sub.index] = theta[sub.index]
+            return 0.5 * float(v @ op.matvec(v))
+
+    # Reuse measured samples; recompute a sample only to add a missing quadratic term.
+    reuse = {k: x for k, x in done.items() if not (k in quad_keys and x.quadratic is None)}
+    kept = list(reuse.values())
+    base = loss() if base is None else base
+
+    def on_sample(x: GroupSample) -> None:
+        kept.append(x)
+        stage.save(GroupFidelity("B", base, kept, {}), complete=False)
+
+    samples = groups.measure(params, subsets, loss, preds, quadratic, reuse, on_sample,
+                             cfg.progress, base=base)  # fmt: skip
+    return samples, base

@@ -115,7 +115,10 @@ def _analyze_config(args: argparse.Namespace):
         curvature=args.curvature, solver=args.solver, max_iter=args.max_iter, tol=args.tol,
         hvp_batches=args.hvp_batches, hvp_mode=args.hvp_mode,
         cache_graphs=not args.no_cache_graphs, fidelity_samples=args.fidelity_samples,
-        fidelity_dtype=args.fidelity_dtype, progress=not args.no_progress,
+        fidelity_dtype=args.fidelity_dtype, heldout=args.heldout, split_seed=args.split_seed,
+        random_draws=args.random_draws, group_subsets=args.group_subsets, group_ks=args.group_ks,
+        group_flagged=args.group_flagged, group_quadratic=args.group_quadratic,
+        location_ks=args.location_ks, progress=not args.no_progress,
     )  # fmt: skip
 
 
@@ -226,7 +229,7 @@ def _data_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .analysis import DEFAULT_KS
+    from .analysis import DEFAULT_GROUP_KS, DEFAULT_KS, DEFAULT_LOCATION_KS
     from .experiments import DEFAULT_TARGETS
 
     parser = argparse.ArgumentParser(
@@ -289,6 +292,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache-graphs", action="store_true", help="recompute first-order graphs")
     p.add_argument("--fidelity-samples", type=int, default=500)
     p.add_argument("--fidelity-dtype", choices=["float64", "float32"], default="float64")
+    p.add_argument(
+        "--heldout", action="store_true",
+        help="also the held-out protocol: scores and best k from one seeded half of dev, "
+        "accuracy on the other (both ways), with the recalibration control",
+    )  # fmt: skip
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the two-fold dev split")
+    p.add_argument("--random-draws", type=int, default=0, help="random-k control draws")
+    p.add_argument(
+        "--group-subsets", type=int, default=0, help="group fidelity: random subsets per k"
+    )
+    p.add_argument("--group-ks", type=_ints, default=list(DEFAULT_GROUP_KS), help="group sizes")
+    p.add_argument(
+        "--group-flagged", type=int, default=10, help="subsets of each flagged set per k"
+    )
+    p.add_argument(
+        "--group-quadratic", type=int, default=0,
+        help="random subsets per k that also get the second-order group term (one HVP each)",
+    )  # fmt: skip
+    p.add_argument("--location-ks", type=_ints, default=list(DEFAULT_LOCATION_KS),
+                   help="top-k sets located by layer and module kind")  # fmt: skip
     p.add_argument("--out", required=True)
     p.add_argument(
         "--force", action="store_true",

@@ -12,13 +12,15 @@ or bias): the table behind "which layers hold the parameters removal helps".
 from __future__ import annotations
 
 import re
-from typing import Dict, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
 from .ops import Candidates
+from .schema import Reader, register
 
-__all__ = ["KINDS", "kind_of", "layer_of", "locate", "location_table"]
+__all__ = ["KINDS", "Location", "kind_of", "layer_of", "locate", "location_table", "space_table"]
 
 KINDS = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out", "other")
 
@@ -89,20 +91,60 @@ def locate(
     return counts
 
 
+def _table(counts: Dict[Tuple[Optional[int], str, str], int]) -> Dict[str, Dict[str, int]]:
+    by: Dict[str, Dict[str, int]] = {"layer": {}, "kind": {}, "leaf": {}, "layer_kind": {}}
+    for (layer, kind, leaf), n in sorted(
+        counts.items(), key=lambda kv: (str(kv[0][0]), kv[0][1], kv[0][2])
+    ):
+        lay = "none" if layer is None else str(layer)
+        for table, key in (("layer", lay), ("kind", kind), ("leaf", leaf),
+                           ("layer_kind", f"{lay}/{kind}")):  # fmt: skip
+            by[table][key] = by[table].get(key, 0) + n
+    return by
+
+
 def location_table(
     names: Sequence[str], shapes: Sequence[torch.Size], cands: Candidates
 ) -> Dict[str, Dict[str, int]]:
-    """Counts by layer, by kind and by weight/bias (JSON-ready, string keys)."""
-    by_layer: Dict[str, int] = {}
-    by_kind: Dict[str, int] = {}
-    by_leaf: Dict[str, int] = {}
-    grid: Dict[str, int] = {}
-    for (layer, kind, leaf), n in sorted(
-        locate(names, shapes, cands).items(), key=lambda kv: (str(kv[0][0]), kv[0][1], kv[0][2])
-    ):
-        lay = "none" if layer is None else str(layer)
-        by_layer[lay] = by_layer.get(lay, 0) + n
-        by_kind[kind] = by_kind.get(kind, 0) + n
-        by_leaf[leaf] = by_leaf.get(leaf, 0) + n
-        grid[f"{lay}/{kind}"] = grid.get(f"{lay}/{kind}", 0) + n
-    return {"layer": by_layer, "kind": by_kind, "leaf": by_leaf, "layer_kind": grid}
+    """Counts by layer, by kind, by weight/bias and by layer/kind (JSON-ready, string keys)."""
+    return _table(locate(names, shapes, cands))
+
+
+def space_table(names: Sequence[str], shapes: Sequence[torch.Size]) -> Dict[str, Dict[str, int]]:
+    """`location_table` of every entry of the tensors (the denominators of shares)."""
+    ti, fi = [], []
+    for t, shape in enumerate(shapes):
+        n = int(torch.Size(shape).numel())
+        if kind_of(names[t]) == "qkv":
+            fi.append(torch.arange(n))
+            ti.append(torch.full((n,), t, dtype=torch.int64))
+    counts: Dict[Tuple[Optional[int], str, str], int] = {}
+    if ti:
+        c = Candidates(torch.cat(ti), torch.cat(fi), torch.zeros(sum(len(x) for x in ti)))
+        counts.update(locate(names, shapes, c))
+    for t, shape in enumerate(shapes):
+        if kind_of(names[t]) != "qkv":
+            key = (layer_of(names[t]), kind_of(names[t]), _module(names[t])[1])
+            counts[key] = counts.get(key, 0) + int(torch.Size(shape).numel())
+    return _table(counts)
+
+
+@register("location", 1, per_method=True)
+@dataclass
+class Location:
+    """Where a method's top-k and flagged entries live, beside the analysed totals.
+
+    ``sets``: set name (``top-<k>``, ``flagged``) -> `location_table`; ``totals``:
+    the table of every analysed entry.
+    """
+
+    method: str
+    sets: Dict[str, Dict[str, Dict[str, int]]]
+    totals: Dict[str, Dict[str, int]]
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"method": self.method, "sets": self.sets, "totals": self.totals}
+
+    @classmethod
+    def from_json(cls, r: Reader) -> Location:
+        return cls(r.str("method"), r.dict("sets"), r.dict("totals"))

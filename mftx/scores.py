@@ -14,34 +14,40 @@ from .ops import Candidates
 
 __all__ = ["METHODS", "Scores"]
 
-#: For each method: whether candidates are the largest scores (else the smallest),
-#: and its flag rule (threshold, below) or None. The sign convention lives here only.
+#: For each method: the data it uses (training and/or validation batches), whether
+#: candidates are the largest scores (else the smallest), and its flag rule (threshold,
+#: below) or None. The sign convention lives here only.
 METHODS: Dict[str, Dict[str, Any]] = {
     "gradient": {
+        "uses": ("train",),
         "largest": True,
         "flag": (0.0, False),
         "flag_label": "detrimental",
         "help": "|θ| − |θ − lr·g_train|: how far one SGD step moves θ toward zero; > 0 flagged",
     },
     "influence": {
+        "uses": ("train", "val"),
         "largest": False,
         "flag": (0.0, True),
         "flag_label": "beneficial",
         "help": "−θ ⊙ (H + λI)⁻¹ ∇L_val: predicted change of validation loss; < 0 flagged",
     },
     "taylor": {
+        "uses": ("val",),
         "largest": False,
         "flag": (0.0, True),
         "flag_label": "beneficial",
         "help": "−g_val ⊙ θ: first-order change of validation loss when zeroing; < 0 flagged",
     },
     "obd": {
+        "uses": ("val",),
         "largest": False,
         "flag": (0.0, True),
         "flag_label": "beneficial",
         "help": "−g_val ⊙ θ + ½ diag(H_val) ⊙ θ²: second-order change of validation loss; < 0 flagged",
     },
     "magnitude": {
+        "uses": (),
         "largest": False,
         "flag": None,
         "flag_label": None,

@@ -119,13 +119,8 @@ def _materialise(data: Optional[Iterable], what: str, needed: bool) -> list:
 
 def _needs(method: str):
     """(needs train, needs val)."""
-    return {
-        "gradient": (True, False),
-        "influence": (True, True),
-        "taylor": (False, True),
-        "obd": (False, True),
-        "magnitude": (False, False),
-    }[method]
+    uses = METHODS[method]["uses"]
+    return "train" in uses, "val" in uses
 
 
 def score(

@@ -257,7 +257,7 @@ def test_added_method_computes_only_its_stages(workspace, finetuned, tmp_path, c
     after = _files(ck)
     changed = {f for f in after if before.get(f) != after[f]}
     assert changed == {"scores-taylor.json", "scores-taylor.safetensors", "sweep-taylor.json",
-                       "fidelity.json"}  # fmt: skip
+                       "location-taylor.json", "fidelity.json"}  # fmt: skip
     fid = _results(ck / "fidelity.json")
     keys = {(s["tensor_index"], s["flat_index"]) for s in fid["samples"]}
     assert calls["delta"] == len(keys - old_keys) <= 2  # taylor's share of the top half

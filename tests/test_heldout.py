@@ -253,12 +253,13 @@ def test_measure_equals_brute_force_zeroing_and_restores_bitwise():
         with torch.no_grad():
             z = model[2].bias + torch.tanh(x @ w0.T + model[0].bias) @ w2.T
             want = float(F.cross_entropy(z.double(), y)) - base
-        assert r["actual"] == pytest.approx(want, abs=1e-6)
-        assert r["predicted"]["a"] == pytest.approx(float(pred["a"][s.index].sum()))
+        assert r.actual == pytest.approx(want, abs=1e-6)
+        assert r.predicted["a"] == pytest.approx(float(pred["a"][s.index].sum()))
+        assert (r.origin, r.k, r.key) == (s.origin, s.k, s.key())
     assert all(p.equal(b) for p, b in zip(params, before))
     # Resume: records already done are not measured again (only the base loss is).
     calls.clear()
-    again = groups.measure(params, subs, loss, pred, done={r["key"]: r for r in recs})
+    again = groups.measure(params, subs, loss, pred, done={r.key: r for r in recs})
     assert again == recs and len(calls) == 1
     with pytest.raises(ValueError, match="NaN"):
         groups.measure(params, subs, loss, {"a": torch.full((total,), float("nan"))})

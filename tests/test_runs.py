@@ -129,7 +129,14 @@ def test_file_names_and_kinds():
         assert records.kind_of(other) is None, other
     with pytest.raises(ValueError, match="per method"):
         records.stem("sweep")
-    assert set(records.stage_kinds()) == {"checkpoint", "scores", "sweep", "overlap", "fidelity"}
+    import mftx.groups
+    import mftx.location
+    import mftx.protocol  # noqa: F401  (the held-out stages register their kinds on import)
+
+    assert set(records.stage_kinds()) == {
+        "checkpoint", "scores", "sweep", "overlap", "fidelity", "split", "heldout", "groupfid",
+        "location",
+    }  # fmt: skip
 
 
 def test_run_index_checks_its_fields(tmp_path):

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
-from .. import fileio
+from .. import fileio, groups, location, protocol  # the last three register record kinds
 from ..fileio import FileFormatError
 from ..records import CheckpointInfo, Fidelity, Overlap, RunIndex, ScoresInfo, Sweep
 from ..schema import Reader, StageRecord, kind_of, read_stage
@@ -108,6 +108,25 @@ class Checkpoint:
     def fidelity(self) -> Optional[Fidelity]:
         rec = self.records.get("fidelity")
         return None if rec is None else rec.result
+
+    @property
+    def heldouts(self) -> Dict[str, protocol.Heldout]:
+        """Held-out protocol sweeps by method (``random``: the random-k control)."""
+        return _by_prefix(self.records, "heldout-")
+
+    @property
+    def split(self) -> Optional[protocol.RowSplit]:
+        rec = self.records.get("split")
+        return None if rec is None else rec.result.split
+
+    @property
+    def group_fidelity(self) -> Optional[groups.GroupFidelity]:
+        rec = self.records.get("groupfid")
+        return None if rec is None else rec.result
+
+    @property
+    def locations(self) -> Dict[str, location.Location]:
+        return _by_prefix(self.records, "location-")
 
     def methods(self) -> List[str]:
         """Expected and found methods, in table order."""
