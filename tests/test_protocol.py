@@ -112,7 +112,7 @@ def test_group_fidelity_matches_brute_force_zeroing(heldout_run):
         x.key(): x
         for x in groups.draw(
             layout.total, [2, 20], 3, 3, ranked={"taylor": _glob(layout, taylor.candidates(20))}
-        )  # fmt: skip
+        )
     }
 
     def loss_b():
