@@ -60,6 +60,22 @@ def _as_tensors(out) -> Tuple[Tensor, Tensor, Tensor]:
     return torch.from_numpy(ti), torch.from_numpy(fi), torch.from_numpy(v)
 
 
+def _outputs_not_differentiable(ctx, inputs, output) -> None:
+    ctx.mark_non_differentiable(*output)
+
+
+def _never_called(ctx, *grads):
+    raise AssertionError("mftx ranking ops have no differentiable outputs")
+
+
+def _rank_only(op) -> None:
+    """Candidates are a ranking, not a function to differentiate: like the reference
+    twins (which read detached tensors), outputs never require grad, also for
+    inputs that do. Mutating ops (mask_, restore_) cannot register autograd; the
+    public wrappers call them under `torch.no_grad()`."""
+    op.register_autograd(_never_called, setup_context=_outputs_not_differentiable)
+
+
 def _dynamic_empty_like_candidates():
     n = torch.library.get_ctx().new_dynamic_size()
     return (
@@ -94,6 +110,9 @@ if HAS_CPP:
     def _(tensors, threshold, below):
         return _dynamic_empty_like_candidates()
 
+    _rank_only(topk_op)
+    _rank_only(select_op)
+
     @torch.library.custom_op("mftx::toward_zero", mutates_args=(), device_types="cpu")
     def toward_zero_op(
         params: List[Tensor], grads: List[Tensor], lr: float
@@ -103,6 +122,8 @@ if HAS_CPP:
     @toward_zero_op.register_fake
     def _(params, grads, lr):
         return _dynamic_empty_like_candidates()
+
+    _rank_only(toward_zero_op)
 
     @torch.library.custom_op("mftx::mask_", mutates_args=("tensors",), device_types="cpu")
     def mask_op(tensors: List[Tensor], tensor_index: Tensor, flat_index: Tensor) -> Tensor:
