@@ -30,6 +30,13 @@
 
 namespace py = pybind11;
 
+#ifndef MFTX_VERSION  // built outside CMakeLists.txt: never taken for a current build
+#define MFTX_VERSION "unknown"
+#endif
+#ifndef MFTX_SOURCE_SHA256
+#define MFTX_SOURCE_SHA256 "unknown"
+#endif
+
 namespace {
 
 // Below this many elements a loop runs on one thread: OpenMP start-up and
@@ -771,4 +778,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("saved"), py::arg("num_threads"), "write saved values back bit for bit");
   m.def("has_openmp", &has_openmp);
   m.attr("grain") = kGrain;
+  // Set by CMakeLists.txt; mftx/ops/_compiled.py refuses a module whose values
+  // differ from the package's version and source (a stale build).
+  m.attr("__version__") = MFTX_VERSION;
+  m.attr("__source_sha256__") = MFTX_SOURCE_SHA256;
 }
