@@ -315,19 +315,27 @@ Entries topk_impl(const Buffers& b, int64_t k, int nthreads, int64_t& nan_at) {
       tau = buf[k - 1].v;  // the worst of the k kept
       full = true;
     };
+    // "Maybe": better than tau, or NaN; one comparison either way.
+    auto maybe = [](float v, float th) noexcept { return Largest ? !(v <= th) : !(v >= th); };
     for_segments(b, pieces.lo(c), pieces.hi(c), [&](size_t t, int64_t s, int64_t e, int64_t g0) {
       const float* x = b.data[t];
-      for (int64_t i = s; i < e; ++i) {
-        const float v = x[i];
-        // One comparison on the hot path: false for "not better than tau",
-        // true for a candidate or a NaN.
-        const bool maybe = !full || (Largest ? !(v <= tau) : !(v >= tau));
-        if (maybe) {
+      constexpr int64_t kBlock = 64;
+      for (int64_t i = s; i < e; i += kBlock) {
+        const int64_t end = std::min(e, i + kBlock);
+        if (full) {  // the hot path: most blocks hold nothing better than tau
+          const float th = tau;
+          unsigned any = 0;
+          for (int64_t j = i; j < end; ++j) any |= static_cast<unsigned>(maybe(x[j], th));
+          if (!any) continue;
+        }
+        for (int64_t j = i; j < end; ++j) {
+          const float v = x[j];
+          if (full && !maybe(v, tau)) continue;
           if (v != v) {
-            nan_pos = g0 + (i - s);
+            nan_pos = g0 + (j - s);
             return false;
           }
-          buf[m++] = Entry{v, static_cast<int32_t>(t), g0 + (i - s)};
+          buf[m++] = Entry{v, static_cast<int32_t>(t), g0 + (j - s)};
           if (m >= cap) compact();
         }
       }

@@ -6,7 +6,9 @@ scores, weights and saved values, int64 arrays for candidate indices. They
 raise TypeError for a wrong dtype or a non-array, ValueError for
 non-contiguous or read-only buffers, mismatched lengths and NaN (naming the
 tensor index and flat position), and IndexError for an out-of-range
-candidate, always before the first write. Candidates come back as
+candidate, always before the first write; RuntimeError when the buffers
+changed between two passes of `select`/`toward_zero`/large-k `topk` (another
+thread writing to them while the GIL is released). Candidates come back as
 ``(tensor_index, flat_index, value)``: int64, int64 and float32 arrays in rank
 order (most extreme first, ties by tensor index, then flat index).
 ``num_threads`` caps the OpenMP threads (one per `grain` elements); a team
