@@ -8,15 +8,16 @@ running at the same time compete for the cores (oversubscription).
     python benchmarks/bench_ops_threads.py [ITERATIONS]        # the two workloads below
     python benchmarks/bench_ops_threads.py --analyze CKPT DATA  # ops inside `mftx analyze`
 
-Workloads, per mftx thread setting (1, torch's count = the default, twice torch's) and
-OpenMP wait policy (unset, as users run; PASSIVE), each in a fresh process:
+Workloads, per OpenMP wait policy (unset, as users run; PASSIVE: one fresh process
+each), the mftx thread settings (1, torch's count = the default, twice torch's) taking
+turns so that they share the machine's background load:
 - ``alternating``: a forward pass of a MiniLM-sized encoder (6 layers, width 384,
   16 × 64 tokens; torch's threads), then topk k=10,000 over 10,616,832 scores laid out
   like MiniLM's analysed weights, mask_ and restore_ of those 10,000: on one Python
   thread, as `mftx analyze` interleaves evaluation and masking.
 - ``concurrent``: the same forwards on one Python thread while a second one loops over
   the same ops: both pools at work at once.
-Reported: milliseconds per forward and per round of ops, and the wall time.
+Reported: median milliseconds per forward and per round of ops.
 
 ``--analyze`` runs ``mftx analyze CKPT --data DATA --methods gradient
 --fidelity-samples 0`` (everything else default) once per mftx thread setting, each
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -62,63 +64,68 @@ def ops_round(scores, weights) -> None:
     ops.restore_(weights, c, saved)
 
 
-def run_setting(mode: str, iterations: int) -> dict:
-    """One setting, in this process: ms per forward and per ops round, wall time."""
+def thread_settings():
+    """(mftx threads, label): 1, torch's count (the default), twice torch's."""
+    t = torch.get_num_threads()
+    return [(1, "1"), (t, f"{t} (torch's, default)"), (2 * t, f"{2 * t}")]
+
+
+def run_policy(mode: str, iterations: int) -> dict:
+    """Every thread setting in turn, `iterations` times, in this process (one wait
+    policy): the settings see the same background load. Median ms per forward and
+    per ops round for each setting."""
     model = encoder()
     x = torch.randn(16, 64, 384)
     scores, weights = op_inputs()
+    settings = [n for n, _ in thread_settings()]
+    fwd = {n: [] for n in settings}
+    rounds = {n: [] for n in settings}
+
+    def op_loop(n, stop):
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            ops_round(scores, weights)
+            rounds[n].append(time.perf_counter() - t0)
+
     with torch.no_grad():
         model(x)  # warm-up of both pools
         ops_round(scores, weights)
-        fwd, rounds = [], []
-
-        def forwards():
-            for _ in range(iterations):
-                t0 = time.perf_counter()
-                model(x)
-                fwd.append(time.perf_counter() - t0)
-
-        def op_rounds(stop=None):
-            while (stop is None and len(rounds) < iterations) or (stop and not stop.is_set()):
-                t0 = time.perf_counter()
-                ops_round(scores, weights)
-                rounds.append(time.perf_counter() - t0)
-
-        t0 = time.perf_counter()
-        if mode == "alternating":
-            for _ in range(iterations):
-                t1 = time.perf_counter()
-                model(x)
-                t2 = time.perf_counter()
-                ops_round(scores, weights)
-                fwd.append(t2 - t1)
-                rounds.append(time.perf_counter() - t2)
-        else:  # concurrent: ops on a second Python thread for as long as the forwards run
-            stop = threading.Event()
-            side = threading.Thread(target=op_rounds, args=(stop,))
-            side.start()
-            forwards()
-            stop.set()
-            side.join()
-        wall = time.perf_counter() - t0
+        for it in range(iterations):
+            for n in settings[it % 3 :] + settings[: it % 3]:  # rotated order
+                ops.set_num_threads(n)
+                if mode == "alternating":  # forward, then the ops, as analyze interleaves them
+                    t0 = time.perf_counter()
+                    model(x)
+                    t1 = time.perf_counter()
+                    ops_round(scores, weights)
+                    fwd[n].append(t1 - t0)
+                    rounds[n].append(time.perf_counter() - t1)
+                else:  # concurrent: ops on a second Python thread during two forwards
+                    stop = threading.Event()
+                    side = threading.Thread(target=op_loop, args=(n, stop))
+                    side.start()
+                    for _ in range(2):
+                        t0 = time.perf_counter()
+                        model(x)
+                        fwd[n].append(time.perf_counter() - t0)
+                    stop.set()
+                    side.join()
     return {
-        "forward_ms": 1e3 * sum(fwd) / len(fwd),
-        "ops_ms": 1e3 * sum(rounds) / len(rounds),
-        "op_rounds": len(rounds),
-        "wall_s": wall,
+        str(n): {
+            "forward_ms": 1e3 * statistics.median(fwd[n]),
+            "ops_ms": 1e3 * statistics.median(rounds[n]) if rounds[n] else float("nan"),
+            "op_rounds": len(rounds[n]),
+        }
+        for n in settings
     }
 
 
-def settings():
-    t = torch.get_num_threads()
-    return [("1", "1"), (str(t), f"{t} (torch's, default)"), (str(2 * t), f"{2 * t}")]
-
-
-def in_subprocess(args, threads: str, policy) -> dict:
+def in_subprocess(args, policy, threads=None) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     if policy:
         env["OMP_WAIT_POLICY"] = policy
-    env["MFTX_BENCH_THREADS"] = threads
+    if threads is not None:
+        env["MFTX_BENCH_THREADS"] = str(threads)
     r = subprocess.run(
         [sys.executable, __file__, *args], env=env, capture_output=True, text=True, timeout=3600
     )
@@ -129,18 +136,20 @@ def in_subprocess(args, threads: str, policy) -> dict:
 
 def workloads(iterations: int) -> str:
     lines = [
-        f"torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs, {iterations} iterations",
+        f"torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs, "
+        f"medians over {iterations} turns of each setting",
         "",
-        "| OMP_WAIT_POLICY | workload | mftx threads | forward | ops round | ops rounds | wall |",
-        "|---|---|---|---:|---:|---:|---:|",
+        "| OMP_WAIT_POLICY | workload | mftx threads | forward | ops round |",
+        "|---|---|---|---:|---:|",
     ]
     for policy in (None, "PASSIVE"):
         for mode in ("alternating", "concurrent"):
-            for threads, label in settings():
-                r = in_subprocess(["--run", mode, str(iterations)], threads, policy)
+            r = in_subprocess(["--run", mode, str(iterations)], policy)
+            for n, label in thread_settings():
+                m = r[str(n)]
                 lines.append(
-                    f"| {policy or 'unset'} | {mode} | {label} | {r['forward_ms']:.0f} ms "
-                    f"| {r['ops_ms']:.1f} ms | {r['op_rounds']} | {r['wall_s']:.1f} s |"
+                    f"| {policy or 'unset'} | {mode} | {label} | {m['forward_ms']:.0f} ms "
+                    f"| {m['ops_ms']:.1f} ms |"
                 )
     return "\n".join(lines)
 
@@ -181,8 +190,8 @@ def analyze_table(ckpt: str, data: str) -> str:
         "| mftx threads | analyze wall | in the ops | toward_zero | topk | mask_ + restore_ |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for threads, label in settings():
-        r = in_subprocess(["--analyze-run", ckpt, data], threads, None)
+    for threads, label in thread_settings():
+        r = in_subprocess(["--analyze-run", ckpt, data], None, threads)
         s = {k: v["s"] for k, v in r["ops"].items()}
         lines.append(
             f"| {label} | {r['wall_s']:.1f} s | {sum(s.values()) * 1e3:.0f} ms "
@@ -197,7 +206,7 @@ if __name__ == "__main__":
         ops.set_num_threads(int(os.environ["MFTX_BENCH_THREADS"]))
     argv = sys.argv[1:]
     if argv[:1] == ["--run"] and len(argv) == 3:
-        print(json.dumps(run_setting(argv[1], int(argv[2]))))
+        print(json.dumps(run_policy(argv[1], int(argv[2]))))
     elif argv[:1] == ["--analyze-run"] and len(argv) == 3:
         print(json.dumps(run_analyze(argv[1], argv[2])))
     elif argv[:1] == ["--analyze"] and len(argv) == 3:
