@@ -5,9 +5,10 @@
 // Every op checks its buffers while holding the GIL, then releases it for the
 // scan. Parallel work is cut into pieces fixed before any OpenMP region starts
 // (see Pieces); OpenMP may run a region with fewer threads than asked for, and
-// nothing depends on how many it does. Results are bit-for-bit the same as the pure-PyTorch twins in
-// mftx/ops/reference.py: order is (value, then global index ascending), where the
-// global index runs over the tensors in list order, then row-major within each.
+// nothing depends on how many it does. Results are bit-for-bit the same as the
+// pure-PyTorch twins in mftx/ops/reference.py: order is (value, then global index
+// ascending), where the global index runs over the tensors in list order, then
+// row-major within each.
 
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -222,7 +223,9 @@ void sort_ranked(Entries& v, bool index_sorted, int nthreads) {
     }
     pieces.run([&](int c) noexcept {
       auto& h = hist[static_cast<size_t>(c)];
-      for (int64_t i = pieces.lo(c), hi = pieces.hi(c); i < hi; ++i) dst[h[digit(src[i])]++] = src[i];
+      for (int64_t i = pieces.lo(c), hi = pieces.hi(c); i < hi; ++i) {
+        dst[h[digit(src[i])]++] = src[i];
+      }
     });
     std::swap(src, dst);
   };
