@@ -59,6 +59,8 @@ def heldout_figure(ckpt: Checkpoint, Figure: Any) -> Optional[Any]:
     methods = protocol_methods(ckpt)
     if not methods:
         return None
+    from matplotlib.ticker import NullFormatter
+
     fig, axes = _grid(Figure, len(methods), 4.8, 3.8)
     for ax, method in zip(axes, methods):
         h = ckpt.heldouts[method]
@@ -82,6 +84,7 @@ def heldout_figure(ckpt: Checkpoint, Figure: Any) -> Optional[Any]:
         _random_band(ax, ckpt)
         if any(k > 0 for k in h.curve("all")):
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_title(f"{ckpt.name}: {method}", fontsize="medium")
         ax.set_xlabel("parameters masked (k); ★ held-out best k")
         ax.set_ylabel("accuracy (%)")
@@ -96,6 +99,26 @@ _MARKERS = {"random": "o", "top": "^", "flagged": "s"}
 def _linthresh(values: List[float]) -> float:
     small = sorted(abs(v) for v in values if v != 0 and math.isfinite(v))
     return small[len(small) // 10] if small else 1e-6
+
+
+def _symmetric_grid(smallest: float, values: List[float]) -> List[float]:
+    """Points from -max|v| to max|v|, geometric on each side of 0 (a straight line in symlog)."""
+    top = max((abs(v) for v in values if math.isfinite(v)), default=1.0) or 1.0
+    lo = min(smallest, top)
+    n = 60
+    side = [lo * (top / lo) ** (i / (n - 1)) for i in range(n)]
+    return [-v for v in reversed(side)] + [0.0] + side
+
+
+def _symlog_ticks(thresh: float, values: List[float]) -> List[float]:
+    """0 and at most three decades on each side, all beyond the linear range."""
+    top = max((abs(v) for v in values if math.isfinite(v)), default=thresh)
+    first = math.ceil(math.log10(thresh)) + 1
+    last = math.floor(math.log10(top)) if top > 0 else first
+    decades = list(range(first, last + 1))
+    step = max(1, math.ceil(len(decades) / 3))
+    side = [10.0**d for d in decades[::-1][::step][::-1]]
+    return [-v for v in reversed(side)] + [0.0] + side
 
 
 def groupfid_figure(ckpt: Checkpoint, Figure: Any) -> Optional[Any]:
@@ -124,10 +147,19 @@ def groupfid_figure(ckpt: Checkpoint, Figure: Any) -> Optional[Any]:
             ys_all += ys
             mappable = ax.scatter(xs, ys, c=[s.k for s in pts], cmap="viridis", norm=norm,
                                   marker=marker, s=18, alpha=0.8, label=origin)  # fmt: skip
-        lim = max((abs(v) for v in xs_all + ys_all if math.isfinite(v)), default=1.0)
-        ax.plot([-lim, lim], [-lim, lim], color="black", linewidth=0.6, linestyle="--")
-        for axis, vals in (("x", xs_all), ("y", ys_all)):
-            getattr(ax, f"set_{axis}scale")("symlog", linthresh=_linthresh(vals))
+        # One linear threshold for both axes: the identity line stays straight.
+        thresh = _linthresh(xs_all + ys_all)
+        diag = _symmetric_grid(thresh / 10, xs_all + ys_all)
+        ax.plot(
+            diag, diag, color="black", linewidth=0.6, linestyle="--", label="actual = predicted"
+        )
+        ax.set_xscale("symlog", linthresh=thresh)
+        ax.set_yscale("symlog", linthresh=thresh)
+        ticks = _symlog_ticks(thresh, xs_all + ys_all)
+        ax.set_xticks(ticks)
+        ax.set_yticks(ticks)
+        ax.tick_params(labelsize="small")
+        ax.tick_params(axis="x", labelrotation=30)
         stats = gf.summary.get(method, {}).get("random", {})
         rho = stats.get("spearman")
         rho_text = "n/a" if rho is None or math.isnan(rho) else f"{rho:.2f}"
@@ -159,7 +191,9 @@ def location_figure(ckpt: Checkpoint, Figure: Any) -> Optional[Any]:
             for j, kind in enumerate(kinds):
                 e = cells.get((lay, kind))
                 if e is not None:
-                    ax.text(j, i, f"{e:.1f}", ha="center", va="center", fontsize="x-small")
+                    dark = abs(_log2(e)) > 1.5
+                    ax.text(j, i, f"{e:.1f}", ha="center", va="center", fontsize="x-small",
+                            color="white" if dark else "black")  # fmt: skip
         ax.set_xticks(range(len(kinds)), kinds, rotation=45, ha="right", fontsize="small")
         ax.set_yticks(range(len(layers)), [f"layer {x}" if x.isdigit() else x for x in layers],
                       fontsize="small")  # fmt: skip
