@@ -1,4 +1,4 @@
-"""The report's held-out sections: hand-made records with known answers, and a tiny run end to end."""
+"""The report's held-out sections: hand-made records with known answers; a tiny run end to end."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Dict
 
 import pytest
-from test_cli import FILL, NEG, POS, _sentences
+from test_cli import workspace  # noqa: F401  (fixture)
 from test_report import (
     PNG_MAGIC,
     checkpoint_rec,
@@ -23,12 +23,22 @@ from test_report import (
 from mftx import groups, protocol
 from mftx.cli import main
 from mftx.groups import GroupFidelity, GroupSample
+from mftx.heldout import RowSplit
 from mftx.location import Location
-from mftx.models import make_tiny_bert
-from mftx.protocol import Heldout, ProtocolPoint, RowSplit, RowStats, SplitInfo
+from mftx.protocol import Heldout, ProtocolPoint, RowStats, SplitInfo
 from mftx.records import Baseline, CheckpointInfo, Fidelity, FidelityStats, ScoresInfo
-from mftx.report import format_tables, load_results, load_run, render_markdown, write_report
-from mftx.report import benchmark, groupfid_tables, heldout_tables, location_tables, seeds
+from mftx.report import (
+    benchmark,
+    format_tables,
+    groupfid_tables,
+    heldout_tables,
+    load_results,
+    load_run,
+    location_tables,
+    render_markdown,
+    seeds,
+    write_report,
+)
 
 # --------------------------------------------------------------------------- hand-made records
 
@@ -149,8 +159,8 @@ def _groupfid() -> GroupFidelity:
     samples = []
     for k, actual in ((2, [0.1, 0.3, 0.2, 0.5]), (20, [1.0, 3.0, 2.0, 4.0])):
         for i, a in enumerate(actual):
-            samples.append(GroupSample("random", k, f"r{k}{i}", a,
-                                       {"taylor": 2 * a, "influence": -a}, quadratic=a))  # fmt: skip
+            pred = {"taylor": 2 * a, "influence": -a}
+            samples.append(GroupSample("random", k, f"r{k}{i}", a, pred, quadratic=a))
     samples.append(GroupSample("top-taylor", 2, "t", 0.2, {"taylor": 0.1, "influence": 0.3}))
     samples.append(GroupSample("flagged-influence", 2, "f", -0.5, {"taylor": 0.0, "influence": 1}))
     return GroupFidelity("B", 0.7, samples, groups.summarize(samples, resamples=50, seed=0))
@@ -182,11 +192,18 @@ def test_group_fidelity_tables(tmp_path: Path) -> None:
 
 
 def _location() -> Location:
-    totals = {"kind": {"query": 100, "ffn_in": 300}, "layer": {"0": 200, "1": 200},
-              "leaf": {"weight": 390, "bias": 10},
-              "layer_kind": {"0/query": 50, "0/ffn_in": 150, "1/query": 50, "1/ffn_in": 150}}
-    top = {"kind": {"query": 25, "ffn_in": 25}, "layer": {"0": 50},
-           "leaf": {"weight": 40, "bias": 10}, "layer_kind": {"0/query": 25, "0/ffn_in": 25}}
+    totals = {
+        "kind": {"query": 100, "ffn_in": 300},
+        "layer": {"0": 200, "1": 200},
+        "leaf": {"weight": 390, "bias": 10},
+        "layer_kind": {"0/query": 50, "0/ffn_in": 150, "1/query": 50, "1/ffn_in": 150},
+    }
+    top = {
+        "kind": {"query": 25, "ffn_in": 25},
+        "layer": {"0": 50},
+        "leaf": {"weight": 40, "bias": 10},
+        "layer_kind": {"0/query": 25, "0/ffn_in": 25},
+    }
     small = {"kind": {"query": 5}, "layer": {"1": 5}, "leaf": {"bias": 5},
              "layer_kind": {"1/query": 5}}  # fmt: skip
     return Location("gradient", {"top-5": small, "top-50": top, "flagged": totals}, totals)
@@ -325,6 +342,40 @@ def test_report_files_and_rebuild_from_results_json(tmp_path: Path) -> None:
     assert sorted(p.name for p in again.glob("*.png")) == sorted(p.name for p in out.glob("*.png"))
 
 
+def test_spectrum_section_reads_spectrum_records(tmp_path: Path) -> None:
+    """The spectrum section shows any ``spectrum`` record (a Spectrum-like result)."""
+    import types
+
+    import torch
+
+    from mftx.report import sections, spectrum_tables
+
+    class FakeSpectrum:
+        n, lambda_min, lambda_max, lambda_min_error, lambda_max_error = 100, -1.5, 4.25, 1e-3, 0
+        trace, trace_std, trace_method, n_matvec, seconds = 12.0, 0.5, "hutchinson", 40, 3.21
+
+        def density(self):
+            grid = torch.linspace(-2, 5, 50, dtype=torch.float64)
+            return grid, torch.exp(-(grid**2))
+
+    run = load_run(make_run(tmp_path, {"c": {"checkpoint": checkpoint_rec("c", 0.6)}}))
+    assert spectrum_tables.spectrum_table(run) == ""
+    run.checkpoints[0].records["spectrum-ggn"] = types.SimpleNamespace(result=FakeSpectrum())
+    rows = table_rows(spectrum_tables.spectrum_table(run))
+    assert rows == [["c", "ggn", "-1.5 ± 1.0e-03", "4.25", "12 ± 5.0e-01 (hutchinson)", "40",
+                     "3.2"]]  # fmt: skip
+    parts = sections.section_parts(run, "solves", [tmp_path / "spectrum-c.png"])
+    assert parts[0].startswith("## Curvature spectrum") and "![c](spectrum-c.png)" in parts[0]
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = spectrum_tables.spectrum_figure(run.checkpoints[0], Figure)
+    FigureCanvasAgg(fig)
+    fig.savefig(io.BytesIO(), format="png")  # renders without warnings (they are errors)
+
+
 def test_plain_run_has_no_heldout_sections(tmp_path: Path) -> None:
     files = {"checkpoint": checkpoint_rec("c", 0.6),
              "sweep-gradient": sweep_rec("gradient", 0.6, [(10, 10, 0.61, 0.5)])}  # fmt: skip
@@ -351,15 +402,9 @@ ANALYZE = (
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """`mftx analyze --heldout` of a tiny random-init BERT, then `mftx report`."""
-    root = tmp_path_factory.mktemp("heldout-report")
-    data = root / "sst2"
-    data.mkdir()
-    for name, rows in (("train.tsv", _sentences(16, 0)), ("dev.tsv", _sentences(20, 1))):
-        lines = ["sentence\tlabel"] + [f"{s}\t{y}" for s, y in rows]
-        (data / name).write_text("\n".join(lines) + "\n")
-    model = make_tiny_bert(root / "tiny", POS + NEG + FILL, hidden_size=8, intermediate=16)
+def tiny_run(workspace):  # noqa: F811
+    """`mftx analyze --heldout` of test_cli's tiny random-init BERT, then `mftx report`."""
+    root, data, model = workspace
     out = root / "run"
     assert main(["analyze", str(model), "--data", str(data), *ANALYZE, "--out", str(out)]) == 0
     assert main(["report", str(out)]) == 0
@@ -371,9 +416,9 @@ def test_end_to_end_report_matches_the_records(tiny_run: Path) -> None:
     text = (report / "report.md").read_text()
     assert "## Masking: reference vs held-out protocol" in text
     assert "## Group fidelity: zeroing whole subsets" in text
-    for name in ("heldout-tiny.png", "groupfid-tiny.png", "location-tiny.png"):
-        assert (report / name).read_bytes()[:8] == PNG_MAGIC
     run = load_run(tiny_run)
+    for kind in ("heldout", "groupfid", "location"):
+        assert (report / f"{kind}-{run.checkpoints[0].name}.png").read_bytes()[:8] == PNG_MAGIC
     ckpt = run.checkpoints[0]
     assert run.incomplete() == []
     assert sorted(ckpt.heldouts) == ["gradient", "influence", "random", "taylor"]
@@ -395,7 +440,7 @@ def test_end_to_end_report_matches_the_records(tiny_run: Path) -> None:
     assert bench["taylor"]["group_spearman"] is not None
     # Location rows count the largest top-k set (40 entries) and add up to it.
     loc = [r for r in location_tables.location_rows(run)
-           if r["method"] == "taylor" and r["table"] == "kind" and r["set"] == "top-40"]  # fmt: skip
+           if (r["method"], r["table"], r["set"]) == ("taylor", "kind", "top-40")]  # fmt: skip
     assert sum(r["count"] for r in loc) == 40
     # results.json rebuilds the same report.
     again = write_report(report / "results.json", tiny_run / "again")

@@ -6,7 +6,8 @@
 - ``groupfid-<checkpoint>.png``: per method, predicted against actual change of
   loss of every zeroed subset (symmetric-log axes, colour: k; marker: origin);
 - ``location-<checkpoint>.png``: per method, enrichment of its largest top-k set
-  by transformer block and module kind (log2 colour scale, values printed).
+  by transformer block and module kind (log2 colour scale, values printed);
+- ``spectrum-<checkpoint>.png``: the spectral density (`mftx.report.spectrum_tables`).
 
 Each drawing function takes a checkpoint and matplotlib's ``Figure`` class and
 returns a figure, or None when the checkpoint lacks the records.
@@ -19,6 +20,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 from .load import Checkpoint, order_methods
 from .location_tables import layer_kinds, shown_sets
+from .spectrum_tables import spectrum_figure
 from .summaries import FOLDS, RANDOM, method_summary, protocol_methods, random_control
 
 __all__ = ["FIGURES", "groupfid_figure", "heldout_figure", "location_figure"]
@@ -214,4 +216,5 @@ FIGURES: Dict[str, Callable[[Checkpoint, Any], Optional[Any]]] = {
     "heldout": heldout_figure,
     "groupfid": groupfid_figure,
     "location": location_figure,
+    "spectrum": spectrum_figure,
 }

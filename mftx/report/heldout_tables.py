@@ -32,46 +32,43 @@ def _fold_key(name: str) -> str:
     return name.replace("->", "").lower()  # "A->B" -> "ab"
 
 
-def _method_row(ckpt: str, s: Dict[str, Any]) -> Dict[str, Any]:
-    ref, held = s["reference"], s["heldout"]
+def _row(ckpt: str, method: str, draws: Any, ref: Dict[str, Any], folds: List[Dict[str, Any]],
+         **means: Any) -> Dict[str, Any]:  # fmt: skip
+    """A protocol row; `ref` and `folds` as the summaries give them (``sd``: over draws)."""
     row: Dict[str, Any] = {
-        "checkpoint": ckpt, "method": s["method"], "draws": None, "baseline": ref["baseline"],
-        "reference_best_k": ref["best_k"], "reference_accuracy": ref["accuracy"],
-        "reference_accuracy_sd": None, "reference_gain": ref["gain"],
-    }  # fmt: skip
-    for fold in held["folds"]:
-        key = _fold_key(fold["fold"])
-        row.update({f"{key}_best_k": fold.get("best_k"), f"{key}_accuracy": fold.get("accuracy"),
-                    f"{key}_accuracy_sd": None, f"{key}_gain": fold.get("gain")})  # fmt: skip
-    row.update(
-        heldout_mean_gain=held["mean_gain"],
-        beyond_recalibration_mean=held["mean_beyond_recalibration"],
-        masked_recalibrated_mean=held["mean_masked_recalibrated"],
-        fixed_k=FIXED_K, reference_at_fixed_k=ref["at_fixed_k"], reference_at_fixed_k_sd=None,
-        heldout_at_fixed_k_mean=held["mean_at_fixed_k"],
-    )  # fmt: skip
-    return row
-
-
-def _random_row(ckpt: str, r: Dict[str, Any]) -> Dict[str, Any]:
-    ref = r["reference"] or {}
-    row: Dict[str, Any] = {
-        "checkpoint": ckpt, "method": RANDOM, "draws": r["draws"], "baseline": r["baseline"],
+        "checkpoint": ckpt, "method": method, "draws": draws, "baseline": ref.get("baseline"),
         "reference_best_k": ref.get("best_k"), "reference_accuracy": ref.get("accuracy"),
         "reference_accuracy_sd": ref.get("sd"), "reference_gain": ref.get("gain"),
     }  # fmt: skip
-    for fold in r["folds"]:
+    for fold in folds:
         key = _fold_key(fold["fold"])
-        row.update({f"{key}_best_k": fold.get("best_k"), f"{key}_accuracy": fold.get("accuracy"),
-                    f"{key}_accuracy_sd": fold.get("sd"), f"{key}_gain": fold.get("gain")})  # fmt: skip
-    row.update(
+        for field in ("best_k", "accuracy", "gain"):
+            row[f"{key}_{field}"] = fold.get(field)
+        row[f"{key}_accuracy_sd"] = fold.get("sd")
+    return {**row, "fixed_k": FIXED_K, **means}
+
+
+def _method_row(ckpt: str, s: Dict[str, Any]) -> Dict[str, Any]:
+    ref, held = s["reference"], s["heldout"]
+    return _row(
+        ckpt, s["method"], None, ref, held["folds"],
+        heldout_mean_gain=held["mean_gain"],
+        beyond_recalibration_mean=held["mean_beyond_recalibration"],
+        masked_recalibrated_mean=held["mean_masked_recalibrated"],
+        reference_at_fixed_k=ref["at_fixed_k"], reference_at_fixed_k_sd=None,
+        heldout_at_fixed_k_mean=held["mean_at_fixed_k"],
+    )  # fmt: skip
+
+
+def _random_row(ckpt: str, r: Dict[str, Any]) -> Dict[str, Any]:
+    return _row(
+        ckpt, RANDOM, r["draws"], r["reference"] or {"baseline": r["baseline"]}, r["folds"],
         heldout_mean_gain=r["mean_gain"],
         beyond_recalibration_mean=r["mean_beyond_recalibration"],
         masked_recalibrated_mean=r["mean_masked_recalibrated"],
-        fixed_k=FIXED_K, reference_at_fixed_k=pick(r["fixed"], "mean"),
-        reference_at_fixed_k_sd=pick(r["fixed"], "sd"), heldout_at_fixed_k_mean=r["fixed_heldout"],
+        reference_at_fixed_k=pick(r["fixed"], "mean"), reference_at_fixed_k_sd=pick(r["fixed"], "sd"),
+        heldout_at_fixed_k_mean=r["fixed_heldout"],
     )  # fmt: skip
-    return row
 
 
 def protocol_rows(run: Run) -> List[Dict[str, Any]]:
@@ -113,8 +110,8 @@ def protocol_table(run: Run) -> str:
                  fmt_pm(r["reference_accuracy"], r["reference_accuracy_sd"]),
                  fmt_gain(r["reference_gain"])]  # fmt: skip
         for key in ("ab", "ba"):
-            cells += [fmt_k(r[f"{key}_best_k"]), fmt_pm(r[f"{key}_accuracy"], r[f"{key}_accuracy_sd"]),
-                      fmt_gain(r[f"{key}_gain"])]  # fmt: skip
+            acc = fmt_pm(r[f"{key}_accuracy"], r[f"{key}_accuracy_sd"])
+            cells += [fmt_k(r[f"{key}_best_k"]), acc, fmt_gain(r[f"{key}_gain"])]
         cells += [fmt_gain(r["heldout_mean_gain"]), fmt_gain(r["beyond_recalibration_mean"]),
                   fmt_accuracy(r["masked_recalibrated_mean"]),
                   fmt_pm(r["reference_at_fixed_k"], r["reference_at_fixed_k_sd"]),
@@ -149,14 +146,12 @@ def control_rows(run: Run) -> List[Dict[str, Any]]:
     for ckpt in run.checkpoints:
         for m in protocol_methods(ckpt):
             s = method_summary(ckpt.heldouts[m])
-            ref = dict(s["reference"])
-            rows.append(_control(ckpt.name, m, "reference", ref))
+            rows.append(_control(ckpt.name, m, "reference", s["reference"]))
             for fold in s["heldout"]["folds"]:
                 rows.append(_control(ckpt.name, m, fold["fold"], fold))
         if RANDOM in ckpt.heldouts:
             r = random_control(ckpt.heldouts[RANDOM])
-            ref = dict(r["reference"] or {}, baseline=r["baseline"],
-                       share_before=ckpt.heldouts[RANDOM].baseline.rows["all"].predicted_share)  # fmt: skip
+            ref = r["reference"] or {"baseline": r["baseline"]}
             rows.append(_control(ckpt.name, RANDOM, "reference", ref, sd=ref.get("sd")))
             for fold in r["folds"]:
                 rows.append(_control(ckpt.name, RANDOM, fold["fold"], fold, sd=fold.get("sd")))
@@ -191,7 +186,7 @@ def control_table(run: Run) -> str:
 
 
 def split_lines(run: Run) -> List[str]:
-    """One line per checkpoint with a split: seed, half sizes and the first digits of their hashes."""
+    """One line per checkpoint with a split: seed, half sizes, the start of their hashes."""
     lines = []
     for ckpt in run.checkpoints:
         split = ckpt.split

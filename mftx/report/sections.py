@@ -6,18 +6,19 @@ section's records gives no rows and no text, so the report of such a run is
 unchanged. `SECTIONS` is the list, in report order; ``after`` places each one
 after a table of the plain report (``masking``, ``fidelity`` or ``solves``).
 
-Adding a section (e.g. the spectrum of ``spectrum.json``: λ_min, λ_max, trace
-per checkpoint and a density plot) is one `Section` entry: a rows function
-reading ``ckpt.records.get("spectrum")``, a markdown function built from those
-rows, and, for a plot, a drawing function registered in `mftx.report.figures`
-under the section's key.
+Adding a section is one `Section` entry: a rows function reading the
+checkpoints' records, a markdown function built from those rows, and, for a
+plot, a drawing function registered in `mftx.report.figures` under the
+section's key. The spectrum section (`mftx.report.spectrum_tables`) is written
+that way and shows as soon as ``spectrum.json`` records are registered and
+written.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .benchmark import benchmark_rows, benchmark_table
 from .groupfid_tables import group_correlation_table, group_mean_table, group_rows
@@ -25,6 +26,7 @@ from .heldout_tables import control_rows, control_table, protocol_rows, protocol
 from .load import Run
 from .location_tables import kind_table, layer_table, location_rows
 from .seeds import seed_rows, seed_table
+from .spectrum_tables import spectrum_rows, spectrum_table
 
 __all__ = ["SECTIONS", "Section", "figure_name", "section_parts", "section_rows"]
 
@@ -33,14 +35,27 @@ Rows = List[Dict[str, Any]]
 
 @dataclass(frozen=True)
 class Section:
-    """One report section: ``rows(run)`` for CSV/JSON, ``body(run)`` markdown ("" if absent)."""
+    """One report section, present when ``rows(run)`` has rows.
+
+    ``rows(run)``: the rows for CSV and JSON; ``intro``: the text under the
+    heading; ``parts``: functions of the run giving the markdown that follows
+    (tables, with text of their own), "" to leave one out; ``plot``: a figure
+    per checkpoint, file `figure_name` (drawn by `mftx.report.figures.FIGURES`).
+    """
 
     key: str
     heading: str
     after: str
     rows: Callable[[Run], Rows]
-    body: Callable[[Run], str]
-    plot: bool = False  # a figure per checkpoint, `figure_name(key, checkpoint)`
+    intro: str
+    parts: Tuple[Callable[[Run], str], ...]
+    plot: bool = False
+
+    def body(self, run: Run) -> str:
+        """Markdown under the heading ("" when the run has no rows for it)."""
+        if not self.rows(run):
+            return ""
+        return _join(self.intro, *(part(run) for part in self.parts))
 
 
 def figure_name(key: str, checkpoint: str) -> str:
@@ -54,109 +69,84 @@ def _join(*parts: str) -> str:
     return "\n\n".join(p for p in parts if p)
 
 
-def _heldout_body(run: Run) -> str:
-    table = protocol_table(run)
-    if not table:
-        return ""
+def _split_text(run: Run) -> str:
+    return "\n".join(split_lines(run))
+
+
+def _group_means(run: Run) -> str:
     return _join(
-        "Reference protocol: scores (validation gradient), best k and accuracy all on the full "
-        "dev set. Held-out protocol, seeded two-fold cross-fitting: on half A the validation "
-        "gradient, the scores that need it and the best k are chosen and accuracy is measured "
-        "on half B (A→B); then B→A. Gains are against the unmasked model on the same rows; "
-        "gain beyond recalibration is against the unmasked model with the one logit offset "
-        "that is best on the selection half (the recalibration control); masked + recalibrated "
-        "applies that control to the masked model. The random-k control masks k uniformly "
-        "random analysed parameters (mean ± sd over draws; its best k is chosen on the mean). "
-        "Methods without a validation gradient (gradient rule, magnitude) have one score set; "
-        "only their k is chosen per fold. The rows of each half are in `split.json` "
-        "(indices and SHA-256):",
-        "\n".join(split_lines(run)),
-        table,
-    )
-
-
-def _controls_body(run: Run) -> str:
-    table = control_table(run)
-    if not table:
-        return ""
-    return _join(
-        "Recalibration alone (the unmasked model with the logit offset chosen on the selection "
-        "half, measured on the evaluation half) against masking at the held-out best k, "
-        "and the share of dev rows predicted positive (class 1) before and after masking at "
-        "each protocol's best k. The reference protocol has no recalibration control: its "
-        "offset would be chosen on the rows it is measured on.",
-        table,
-    )
-
-
-def _groupfid_body(run: Run) -> str:
-    corr = group_correlation_table(run)
-    if not corr:
-        return ""
-    return _join(
-        "Subsets of k analysed parameters zeroed at once, actual change of loss measured on "
-        "evaluation half B, predicted as the sum of per-parameter predictions from scores of "
-        "half A. Spearman and Pearson across subsets, bootstrap 95 % intervals in brackets; "
-        "`+ ½ θ_Sᵀ H θ_S`: taylor plus the quadratic group term (the full second-order "
-        "expansion) on the subsets where it was computed.",
-        corr,
         "Mean predicted and actual change of loss of the random subsets, the method's top-k "
         "and random k-subsets of its flagged set:",
         group_mean_table(run),
     )
 
 
-def _location_body(run: Run) -> str:
-    kinds = kind_table(run)
-    if not kinds:
-        return ""
-    return _join(
-        "Each method's largest top-k set and its flagged set: enrichment (share of the set / "
-        "share of all analysed entries; 1.00× = chance) with the share of the set in "
-        "parentheses, by module kind and weights against biases, then by transformer block.",
-        kinds,
-        layer_table(run),
-    )
-
-
-def _benchmark_body(run: Run) -> str:
-    table = benchmark_table(run)
-    if not table:
-        return ""
-    return _join(
-        "Every scoring variant of each checkpoint with held-out records: curvature products "
-        "(Hessian- or GGN-vector products) and seconds of the scores from all dev rows, "
-        "single-parameter and group fidelity (Spearman), gain at the best k and at "
-        "k = 5,000 under both protocols, and the false-positive rate of the gradient rule "
-        "against the method. — : not run or not recorded.",
-        table,
-    )
-
-
-def _seeds_body(run: Run) -> str:
-    table = seed_table(run)
-    if not table:
-        return ""
-    return _join(
-        "Checkpoints with the same target accuracy from different fine-tuning seeds: mean ± "
-        "sample sd across them of the reference gain, the held-out gain (mean of the folds) "
-        "and the gain beyond recalibration, in accuracy points ((n = …): checkpoints that "
-        "have the measure, when fewer than all).",
-        table,
-    )
-
+HELDOUT_INTRO = (
+    "Reference protocol: scores (validation gradient), best k and accuracy all on the full "
+    "dev set. Held-out protocol, seeded two-fold cross-fitting: on half A the validation "
+    "gradient, the scores that need it and the best k are chosen and accuracy is measured "
+    "on half B (A→B); then B→A. Gains are against the unmasked model on the same rows; "
+    "gain beyond recalibration is against the unmasked model with the one logit offset "
+    "that is best on the selection half (the recalibration control); masked + recalibrated "
+    "applies that control to the masked model. The random-k control masks k uniformly "
+    "random analysed parameters (mean ± sd over draws; its best k is chosen on the mean). "
+    "Methods without a validation gradient (gradient rule, magnitude) have one score set; "
+    "only their k is chosen per fold. The rows of each half are in `split.json` "
+    "(indices and SHA-256):"
+)
+CONTROLS_INTRO = (
+    "Recalibration alone (the unmasked model with the logit offset chosen on the selection "
+    "half, measured on the evaluation half) against masking at the held-out best k, "
+    "and the share of dev rows predicted positive (class 1) before and after masking at "
+    "each protocol's best k. The reference protocol has no recalibration control: its "
+    "offset would be chosen on the rows it is measured on."
+)
+SEEDS_INTRO = (
+    "Checkpoints with the same target accuracy from different fine-tuning seeds: mean ± "
+    "sample sd across them of the reference gain, the held-out gain (mean of the folds) "
+    "and the gain beyond recalibration, in accuracy points ((n = …): checkpoints that "
+    "have the measure, when fewer than all)."
+)
+GROUPFID_INTRO = (
+    "Subsets of k analysed parameters zeroed at once, actual change of loss measured on "
+    "evaluation half B, predicted as the sum of per-parameter predictions from scores of "
+    "half A. Spearman and Pearson across subsets, bootstrap 95 % intervals in brackets; "
+    "`+ ½ θ_Sᵀ H θ_S`: taylor plus the quadratic group term (the full second-order "
+    "expansion) on the subsets where it was computed."
+)
+BENCHMARK_INTRO = (
+    "Every scoring variant of each checkpoint with held-out records: curvature products "
+    "(Hessian- or GGN-vector products) and seconds of the scores from all dev rows, "
+    "single-parameter and group fidelity (Spearman), gain at the best k and at "
+    "k = 5,000 under both protocols, and the false-positive rate of the gradient rule "
+    "against the method. — : not run or not recorded."
+)
+LOCATION_INTRO = (
+    "Each method's largest top-k set and its flagged set: enrichment (share of the set / "
+    "share of all analysed entries; 1.00× = chance) with the share of the set in "
+    "parentheses, by module kind and weights against biases, then by transformer block."
+)
+SPECTRUM_INTRO = (
+    "Extreme eigenvalues of the curvature (± the Lanczos error bound), its trace (± the "
+    "standard error of the stochastic estimate) and the curvature products spent; the "
+    "plot is the smoothed spectral density (stochastic Lanczos quadrature)."
+)
 
 SECTIONS: Sequence[Section] = (
     Section("heldout", "Masking: reference vs held-out protocol", "masking", protocol_rows,
-            _heldout_body, plot=True),
+            HELDOUT_INTRO, (_split_text, protocol_table), plot=True),
     Section("controls", "Controls: recalibration and predicted-class balance", "masking",
-            control_rows, _controls_body),
-    Section("seeds", "Gains across fine-tuning seeds", "masking", seed_rows, _seeds_body),
+            control_rows, CONTROLS_INTRO, (control_table,)),
+    Section("seeds", "Gains across fine-tuning seeds", "masking", seed_rows, SEEDS_INTRO,
+            (seed_table,)),
     Section("groupfid", "Group fidelity: zeroing whole subsets", "fidelity", group_rows,
-            _groupfid_body, plot=True),
-    Section("benchmark", "Methods benchmark", "solves", benchmark_rows, _benchmark_body),
+            GROUPFID_INTRO, (group_correlation_table, _group_means), plot=True),
+    Section("benchmark", "Methods benchmark", "solves", benchmark_rows, BENCHMARK_INTRO,
+            (benchmark_table,)),
     Section("location", "Where the removed parameters live", "solves", location_rows,
-            _location_body, plot=True),
+            LOCATION_INTRO, (kind_table, layer_table), plot=True),
+    Section("spectrum", "Curvature spectrum", "solves", spectrum_rows, SPECTRUM_INTRO,
+            (spectrum_table,), plot=True),
 )  # fmt: skip
 
 

@@ -107,6 +107,8 @@ def random_control(h: Heldout, fixed_k: int = FIXED_K) -> Dict[str, Any]:
     r.update(_mean_of(r["folds"], ("beyond_recalibration", "accuracy", "masked_recalibrated")))
     ref = r["reference"]
     if ref is not None:
+        ref["baseline"] = h.baseline.rows["all"].accuracy
+        ref["share_before"] = h.baseline.rows["all"].predicted_share
         ref["sd"] = r["per_k"][ref["best_k"]]["all"]["sd"]
         ref["share_after"] = _mean_shares(
             [p.rows["all"].predicted_share for p in h.points if p.k == ref["best_k"]]
