@@ -1,11 +1,14 @@
-"""Reports of an analysis run: tables, CSV/JSON of everything, and accuracy plots.
+"""Reports of an analysis run: tables, CSV/JSON of everything, and plots.
 
 `mftx analyze --out RUN_DIR` writes the run's records (see `mftx.records`);
-the report reads them (`load`), renders the tables (`tables`), exports
-``results.json`` and ``results.csv`` (`export`), draws the plots (`plots`) and
-writes ``report.md`` (`markdown`). `write_report` does all of it, from a run
-directory or from a ``results.json`` written earlier (the report rebuilt
-without the run directory).
+the report reads them (`load`), renders the tables (`tables`, and the held-out
+sections declared in `sections`: `heldout_tables`, `seeds`, `groupfid_tables`,
+`benchmark`, `location_tables`, `spectrum_tables`, from the numbers of
+`summaries`), exports ``results.json``, ``results.csv`` and one
+``results-<section>.csv`` per held-out section (`export`), draws the plots
+(`plots`, `figures`) and writes ``report.md`` (`markdown`). `write_report` does
+all of it, from a run directory or from a ``results.json`` written earlier (the
+report rebuilt without the run directory).
 """
 
 from __future__ import annotations
