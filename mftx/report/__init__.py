@@ -1,11 +1,14 @@
-"""Reports of an analysis run: tables, CSV/JSON of everything, and accuracy plots.
+"""Reports of an analysis run: tables, CSV/JSON of everything, and plots.
 
 `mftx analyze --out RUN_DIR` writes the run's records (see `mftx.records`);
-the report reads them (`load`), renders the tables (`tables`), exports
-``results.json`` and ``results.csv`` (`export`), draws the plots (`plots`) and
-writes ``report.md`` (`markdown`). `write_report` does all of it, from a run
-directory or from a ``results.json`` written earlier (the report rebuilt
-without the run directory).
+the report reads them (`load`), renders the tables (`tables`, and the held-out
+sections declared in `sections`: `heldout_tables`, `seeds`, `groupfid_tables`,
+`benchmark`, `location_tables`, `spectrum_tables`, from the numbers of
+`summaries`), exports ``results.json``, ``results.csv`` and one
+``results-<section>.csv`` per held-out section (`export`), draws the plots
+(`plots`, `figures`) and writes ``report.md`` (`markdown`). `write_report` does
+all of it, from a run directory or from a ``results.json`` written earlier (the
+report rebuilt without the run directory).
 """
 
 from __future__ import annotations
@@ -16,11 +19,10 @@ from typing import Optional, Union
 
 from .. import fileio
 from ..fileio import FileFormatError
-from .export import run_to_dict, write_csv, write_results_json
+from .export import run_to_dict, write_csv, write_results_json, write_section_csvs
 from .load import METHOD_ORDER, REPORT_FORMAT, Checkpoint, Run, load_results, load_run
-from .markdown import render_markdown
+from .markdown import format_tables, render_markdown
 from .plots import COMBINED_PLOT, plot_name, write_plots
-from .tables import format_tables
 
 __all__ = [
     "COMBINED_PLOT",
@@ -39,6 +41,7 @@ __all__ = [
     "write_csv",
     "write_plots",
     "write_report",
+    "write_section_csvs",
 ]
 
 logger = logging.getLogger(__name__)
@@ -73,6 +76,7 @@ def write_report(source: Union[PathLike, Run], out_dir: Optional[PathLike] = Non
     out = Path(out_dir) if out_dir is not None else default
     out.mkdir(parents=True, exist_ok=True)
     write_csv(run, out / "results.csv")
+    write_section_csvs(run, out)
     write_results_json(run, out / "results.json")
     plots = write_plots(run, out)
     fileio.atomic_write(out / "report.md", render_markdown(run, plots, out))

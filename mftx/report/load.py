@@ -36,11 +36,11 @@ PathLike = Union[str, Path]
 def order_methods(methods: Any) -> List[str]:
     """Methods in table order: influence, gradient, taylor, obd, magnitude, then others.
 
-    Variants (``influence-ggn``) follow their base method.
+    Variants (``influence-ggn``) and fold scores (``influence@A``) follow their base method.
     """
 
     def key(m: str):
-        base = m.split("-", 1)[0]
+        base = m.split("@", 1)[0].split("-", 1)[0]
         rank = METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER)
         return (rank, m != base, m)
 
@@ -80,9 +80,14 @@ class Checkpoint:
         return _by_prefix(self.records, "sweep-")
 
     @property
+    def scores_info(self) -> Dict[str, ScoresInfo]:
+        """How each method's scores were computed, by method (``<method>@A``: fold scores)."""
+        return _by_prefix(self.records, "scores-")
+
+    @property
     def solves(self) -> Dict[str, ScoresInfo]:
         """Methods whose scores came from an inverse-HVP solve, and how it ended."""
-        return {m: s for m, s in _by_prefix(self.records, "scores-").items() if s.solved}
+        return {m: s for m, s in self.scores_info.items() if s.solved}
 
     @property
     def overlaps(self) -> Dict[str, Overlap]:
@@ -139,9 +144,14 @@ class Checkpoint:
         sweep = self.sweeps.get(method)
         return sweep.baseline if sweep is not None else None
 
-    def check(self, fidelity_expected: bool = True) -> None:
-        """Append to ``problems`` what is missing, partial or suspect in the records."""
+    def check(self, fidelity_expected: bool = True, heldout: Optional[Mapping] = None) -> None:
+        """Append to ``problems`` what is missing, partial or suspect in the records.
+
+        `heldout`: the run's config when it asked for the held-out protocol
+        (its records are then expected), else None.
+        """
         p = self.problems
+        self._check_heldout(heldout)
         if self.info is None:
             p.append("checkpoint.json missing (no baseline or parameter counts)")
         for method in self.methods():
@@ -183,6 +193,30 @@ class Checkpoint:
                 f"{rec.result.n_samples} samples measured)"
             )
 
+    def _check_heldout(self, config: Optional[Mapping]) -> None:
+        p = self.problems
+        for stem in sorted(s for s in self.records if s.startswith("heldout-")):
+            rec = self.records[stem]
+            if not rec.complete:
+                p.append(f"{stem}.json is partial ({len(rec.result.points)} points so far)")
+            if rec.result.restored_bitwise is False:
+                p.append(f"{stem}.json: weights were NOT restored bit for bit afterwards")
+        if (self.heldouts or self.group_fidelity is not None) and self.split is None:
+            p.append("split.json missing (the held-out rows are not recorded)")
+        rec = self.records.get("groupfid")
+        if rec is not None and not rec.complete:
+            p.append(f"groupfid.json is partial ({len(rec.result.samples)} subsets measured)")
+        if config is None:
+            return
+        want = [f"heldout-{m}" for m in self.expected_methods]
+        if config.get("random_draws"):
+            want.append("heldout-random")
+        if config.get("group_subsets"):
+            want.append("groupfid")
+        for stem in want:
+            if stem not in self.records:
+                p.append(f"{stem}.json missing (held-out protocol asked for)")
+
 
 @dataclass
 class Run:
@@ -219,7 +253,7 @@ def _expected_methods(config: Mapping[str, Any]) -> Tuple[str, ...]:
 
 
 def _read_checkpoint(
-    run_dir: Path, name: str, expected: Tuple[str, ...], fidelity: bool
+    run_dir: Path, name: str, expected: Tuple[str, ...], config: Mapping[str, Any]
 ) -> Checkpoint:
     directory = run_dir / name
     ckpt = Checkpoint(name, expected_methods=expected)
@@ -230,7 +264,8 @@ def _read_checkpoint(
         kind = kind_of(path.stem)
         if kind is not None:
             ckpt.records[path.stem] = read_stage(path, kind, run_dir)
-    ckpt.check(fidelity)
+    fidelity = config.get("fidelity_samples", 1) != 0
+    ckpt.check(fidelity, config if config.get("heldout") else None)
     return ckpt
 
 
@@ -260,8 +295,7 @@ def load_run(run_dir: PathLike) -> Run:
         raise FileNotFoundError(f"{path} not found: {hint}")
     index = RunIndex.from_json(fileio.read_json(path, run_dir), path)
     expected = _expected_methods(index.config)
-    fidelity = index.config.get("fidelity_samples", 1) != 0
-    ckpts = [_read_checkpoint(run_dir, n, expected, fidelity) for n in index.checkpoints]
+    ckpts = [_read_checkpoint(run_dir, n, expected, index.config) for n in index.checkpoints]
     return _new_run(run_dir, index, ckpts)
 
 

@@ -1,4 +1,8 @@
-"""``report.md``: the run's checkpoints, tables and plots as one markdown document."""
+"""``report.md`` (`render_markdown`) and the CLI's tables (`format_tables`).
+
+The held-out sections (`mftx.report.sections`) follow the plain report's table
+they are placed after; without their records they are absent.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from typing import List, Optional
 from .. import fileio
 from .load import Run
 from .plots import COMBINED_PLOT, plot_name
+from .sections import section_parts
 from .tables import (
     NA,
     command_text,
@@ -20,7 +25,7 @@ from .tables import (
     solve_table,
 )
 
-__all__ = ["render_markdown"]
+__all__ = ["format_tables", "render_markdown"]
 
 
 def _checkpoint_lines(run: Run, root: Path) -> List[str]:
@@ -73,6 +78,7 @@ def render_markdown(run: Run, plots: Optional[List[Path]], root: Path) -> str:
         "improvement in accuracy points against the unmasked checkpoint, negative or zero "
         "when no k helped; share of model = parameters removed / all parameters.\n\n"
         + masking_table(run),
+        *section_parts(run, "masking", plots),
         "## Overlap of gradient-flagged and influence-beneficial parameters\n\n"
         "False-positive rate |G \\ B| / |G|: share of the gradient-flagged parameters (G) "
         "that influence does not call beneficial (B); n/a when G is 0.\n\n"
@@ -81,9 +87,11 @@ def render_markdown(run: Run, plots: Optional[List[Path]], root: Path) -> str:
         "## Fidelity of predicted loss changes\n\n"
         "Predicted against actual change of validation loss when a sampled parameter "
         "alone is zeroed.\n\n" + fidelity_table(run),
+        *section_parts(run, "fidelity", plots),
         "## Inverse-HVP solves\n\n"
         "How each influence solve (H + λI) s = ∇L_val ended: CG stops at non-positive "
         "curvature, at the tolerance or at its iteration cap.\n\n" + solve_table(run),
+        *section_parts(run, "solves", plots),
         "## Accuracy against k\n\n" + "\n".join(_plot_lines(run, plots)),
     ]
     incomplete = run.incomplete()
@@ -91,4 +99,30 @@ def render_markdown(run: Run, plots: Optional[List[Path]], root: Path) -> str:
         incomplete = [*incomplete, "plots: skipped, matplotlib is not installed"]
     body = "\n".join(f"- {line}" for line in incomplete) if incomplete else "Nothing missing."
     parts.append("## Incomplete\n\n" + body)
+    return "\n\n".join(parts) + "\n"
+
+
+def format_tables(run: Run) -> str:
+    """The tables with headings, and what is incomplete: for printing by the CLI."""
+    parts = [
+        "## Masking: best sweep point per checkpoint and method",
+        masking_table(run),
+        *section_parts(run, "masking"),
+        "## Overlap of gradient-flagged and influence-beneficial parameters",
+        overlap_table(run),
+    ]
+    variants = overlap_variants_table(run)
+    if variants:
+        parts += ["## Overlap with the other influence variants", variants]
+    parts += [
+        "## Fidelity of predicted loss changes",
+        fidelity_table(run),
+        *section_parts(run, "fidelity"),
+        "## Inverse-HVP solves",
+        solve_table(run),
+        *section_parts(run, "solves"),
+    ]
+    incomplete = run.incomplete()
+    if incomplete:
+        parts += ["## Incomplete", "\n".join(f"- {line}" for line in incomplete)]
     return "\n\n".join(parts) + "\n"

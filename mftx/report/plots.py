@@ -1,4 +1,6 @@
-"""Accuracy-against-k plots of a run: one PNG per checkpoint and a combined figure.
+"""The report's plots: accuracy against k (one PNG per checkpoint and a combined figure)
+and the held-out sections' figures (`mftx.report.figures`), each PNG named after its
+checkpoint.
 
 matplotlib is optional: without it `write_plots` returns None and the report says so.
 """
@@ -15,18 +17,19 @@ from .. import fileio
 from .load import Checkpoint, Run, order_methods
 from .tables import fmt_accuracy
 
-__all__ = ["COMBINED_PLOT", "plot_name", "write_plots"]
+__all__ = ["COMBINED_PLOT", "plot_name", "safe_name", "write_plots"]
 
 logger = logging.getLogger(__name__)
 
 
-def _safe_name(name: str) -> str:
+def safe_name(name: str) -> str:
+    """`name` with anything but letters, digits, ``.``, ``_`` and ``-`` replaced: a file name."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "checkpoint"
 
 
 def plot_name(checkpoint: str) -> str:
     """File name of a checkpoint's accuracy plot."""
-    return f"accuracy-{_safe_name(checkpoint)}.png"
+    return f"accuracy-{safe_name(checkpoint)}.png"
 
 
 COMBINED_PLOT = "accuracy-all.png"
@@ -58,6 +61,24 @@ def _draw_checkpoint(ax: Any, ckpt: Checkpoint) -> None:
         ax.legend(loc="best", fontsize="small")
 
 
+def _section_figures(run: Run, out_dir: Path, Figure: Any, save: Any) -> List[Path]:
+    """The held-out sections' figures (`mftx.report.figures`), where the records exist."""
+    from .figures import FIGURES
+    from .sections import SECTIONS, figure_name
+
+    paths = []
+    for section in SECTIONS:
+        if not section.plot:
+            continue
+        for ckpt in run.checkpoints:
+            fig = FIGURES[section.key](ckpt, Figure)
+            if fig is not None:
+                path = out_dir / figure_name(section.key, ckpt.name)
+                save(fig, path)
+                paths.append(path)
+    return paths
+
+
 def write_plots(run: Run, out_dir: Path) -> Optional[List[Path]]:
     """Write one PNG per checkpoint and a combined figure; None if matplotlib is missing.
 
@@ -84,6 +105,7 @@ def write_plots(run: Run, out_dir: Path) -> Optional[List[Path]]:
         path = out_dir / plot_name(ckpt.name)
         save(fig, path)
         paths.append(path)
+    paths += _section_figures(run, out_dir, Figure, save)
     if run.checkpoints:
         n = len(run.checkpoints)
         cols = min(3, n)

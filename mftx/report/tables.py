@@ -1,5 +1,7 @@
 """Tables of a run: markdown (masking, overlap, fidelity, solves), number formats, CSV rows.
 
+The held-out sections' tables are in their own modules (see `mftx.report.sections`).
+
 Every table takes a `Run` (see `mftx.report.load`) and returns markdown text;
 missing results show as ``(missing)`` rows, undefined numbers as ``n/a``.
 """
@@ -30,7 +32,6 @@ __all__ = [
     "fmt_points",
     "fmt_rate",
     "fmt_share",
-    "format_tables",
     "markdown_table",
     "masking_rows",
     "masking_table",
@@ -300,29 +301,6 @@ def fidelity_table(run: Run) -> str:
                 ]
             )
     return markdown_table(FIDELITY_HEADERS, rows, left=2)
-
-
-def format_tables(run: Run) -> str:
-    """The three tables with headings, and what is incomplete: for printing by the CLI."""
-    parts = [
-        "## Masking: best sweep point per checkpoint and method",
-        masking_table(run),
-        "## Overlap of gradient-flagged and influence-beneficial parameters",
-        overlap_table(run),
-    ]
-    variants = overlap_variants_table(run)
-    if variants:
-        parts += ["## Overlap with the other influence variants", variants]
-    parts += [
-        "## Fidelity of predicted loss changes",
-        fidelity_table(run),
-        "## Inverse-HVP solves",
-        solve_table(run),
-    ]
-    incomplete = run.incomplete()
-    if incomplete:
-        parts += ["## Incomplete", "\n".join(f"- {line}" for line in incomplete)]
-    return "\n\n".join(parts) + "\n"
 
 
 def command_text(command: Sequence[Union[str, Path]], root: Path) -> str:

@@ -1,0 +1,144 @@
+"""The methods benchmark: one row per scoring variant of a checkpoint, every measure side by side.
+
+For each method (gradient rule, taylor, obd, magnitude, each influence
+variant) and the random-k control: how the scores were computed (curvature,
+damping, solver iterations, curvature products, seconds: ``scores-<method>.json``),
+single-parameter fidelity (``fidelity.json``), group fidelity on random subsets
+(``groupfid.json``), in-sample and held-out gain at the best k and at k = 5,000
+(``heldout-<method>.json``, in-sample from ``sweep-<method>.json`` when there is
+no held-out record), and the false-positive rate of the gradient rule against
+the method (``overlap-<method>.json``). Checkpoints without held-out records
+have no rows (their tables are the plain report's).
+"""
+
+from __future__ import annotations
+
+import statistics as pystats
+from typing import Any, Callable, Dict, List
+
+from ..protocol import FIXED_K
+from .cells import fmt_ci, fmt_gain, fmt_k, pick
+from .load import Checkpoint, Run, order_methods
+from .summaries import RANDOM, in_sample, method_summary, random_control
+from .tables import MISSING, fmt_corr, fmt_count, fmt_rate, markdown_table
+
+__all__ = ["BENCHMARK_HEADERS", "benchmark_methods", "benchmark_rows", "benchmark_table"]
+
+
+def benchmark_methods(ckpt: Checkpoint) -> List[str]:
+    """Every scoring variant the checkpoint's records mention, in table order."""
+    found = set(ckpt.sweeps) | {m for m in ckpt.heldouts if m != RANDOM}
+    found |= {m for m in ckpt.scores_info if "@" not in m}
+    if ckpt.fidelity is not None:
+        found |= set(ckpt.fidelity.summary)
+    if ckpt.group_fidelity is not None:
+        found |= set(ckpt.group_fidelity.summary)
+    return order_methods(found)
+
+
+def _empty(ckpt: str, method: str) -> Dict[str, Any]:
+    keys = ("curvature", "damping", "iterations", "curvature_products", "seconds",
+            "single_spearman", "group_spearman", "group_spearman_lo", "group_spearman_hi",
+            "in_sample_best_k", "in_sample_gain", "heldout_best_k_ab", "heldout_best_k_ba",
+            "heldout_gain", "in_sample_gain_at_fixed_k", "heldout_gain_at_fixed_k",
+            "false_positive_rate")  # fmt: skip
+    return {"checkpoint": ckpt, "method": method, **dict.fromkeys(keys), "fixed_k": FIXED_K}
+
+
+def _group(ckpt: Checkpoint, method: str, row: Dict[str, Any]) -> None:
+    gf = ckpt.group_fidelity
+    s = None if gf is None else gf.summary.get(method, {}).get("random")
+    if s is not None:
+        lo, hi = s.get("spearman_interval") or [None, None]
+        row.update(group_spearman=s.get("spearman"), group_spearman_lo=lo, group_spearman_hi=hi)
+
+
+def _method_row(ckpt: Checkpoint, method: str) -> Dict[str, Any]:
+    row = _empty(ckpt.name, method)
+    info = ckpt.scores_info.get(method)
+    if info is not None:
+        row.update(curvature=info.curvature, damping=info.damping, iterations=info.iterations,
+                   curvature_products=info.n_hvp, seconds=info.seconds)  # fmt: skip
+    if ckpt.fidelity is not None and method in ckpt.fidelity.summary:
+        row["single_spearman"] = ckpt.fidelity.summary[method].spearman
+    _group(ckpt, method, row)
+    ref = in_sample(ckpt, method)
+    if ref is not None:
+        row.update(in_sample_best_k=ref["best_k"], in_sample_gain=ref["gain"],
+                   in_sample_gain_at_fixed_k=ref["gain_at_fixed_k"])  # fmt: skip
+    h = ckpt.heldouts.get(method)
+    if h is not None:
+        held = method_summary(h)["heldout"]
+        ab, ba = held["folds"]
+        row.update(heldout_best_k_ab=ab.get("best_k"), heldout_best_k_ba=ba.get("best_k"),
+                   heldout_gain=held["mean_gain"],
+                   heldout_gain_at_fixed_k=held["mean_gain_at_fixed_k"])  # fmt: skip
+    overlap = ckpt.overlaps.get(method)
+    if overlap is not None:  # NaN (shown n/a) when the gradient rule flags nothing
+        row["false_positive_rate"] = overlap.false_positive_rate
+    return row
+
+
+def _random_row(ckpt: Checkpoint) -> Dict[str, Any]:
+    row = _empty(ckpt.name, RANDOM)
+    r = random_control(ckpt.heldouts[RANDOM])
+    ab, ba = r["folds"]
+    row.update(curvature_products=0, heldout_best_k_ab=ab.get("best_k"),
+               heldout_best_k_ba=ba.get("best_k"), heldout_gain=r["mean_gain"],
+               in_sample_best_k=pick(r["reference"], "best_k"),
+               in_sample_gain=pick(r["reference"], "gain"))  # fmt: skip
+    if r["fixed"] is not None:
+        row["in_sample_gain_at_fixed_k"] = r["fixed"]["mean"] - r["baseline"]
+        base = pystats.fmean(f["baseline"] for f in r["folds"])
+        row["heldout_gain_at_fixed_k"] = r["fixed_heldout"] - base
+    return row
+
+
+def benchmark_rows(run: Run) -> List[Dict[str, Any]]:
+    """Per checkpoint with held-out records: a row per method, then the random-k control."""
+    rows = []
+    for ckpt in run.checkpoints:
+        if not ckpt.heldouts:
+            continue
+        rows += [_method_row(ckpt, m) for m in benchmark_methods(ckpt)]
+        if RANDOM in ckpt.heldouts:
+            rows.append(_random_row(ckpt))
+    return rows
+
+
+BENCHMARK_HEADERS = (
+    "checkpoint", "method", "curvature", "damping", "solver iterations", "curvature products",
+    "seconds", "single-parameter Spearman", "group Spearman (random subsets)",
+    "in-sample: best k", "in-sample gain", "held-out: best k (A→B / B→A)", "held-out gain (mean)",
+    f"in-sample gain at k = {FIXED_K:,}", f"held-out gain at k = {FIXED_K:,} (mean)",
+    "false-positive rate of the gradient rule",
+)  # fmt: skip
+
+
+def _cell(x: Any, fmt: Callable[[Any], str]) -> str:
+    """``—`` where nothing was measured (None), else `fmt` (which shows NaN as ``n/a``)."""
+    return MISSING if x is None else fmt(x)
+
+
+def benchmark_table(run: Run) -> str:
+    """Markdown methods benchmark ("" without held-out records); not run: ``—``."""
+    rows = benchmark_rows(run)
+    if not rows:
+        return ""
+    body = []
+    for r in rows:
+        ks = (r["heldout_best_k_ab"], r["heldout_best_k_ba"])
+        body.append([
+            r["checkpoint"], "random-k" if r["method"] == RANDOM else r["method"],
+            r["curvature"] or MISSING, _cell(r["damping"], lambda x: f"{x:g}"),
+            _cell(r["iterations"], fmt_count), _cell(r["curvature_products"], fmt_count),
+            _cell(r["seconds"], lambda x: f"{x:.1f}"), _cell(r["single_spearman"], fmt_corr),
+            _cell(r["group_spearman"], lambda x, lo=r["group_spearman_lo"],
+                  hi=r["group_spearman_hi"]: fmt_ci(x, [lo, hi])),
+            fmt_k(r["in_sample_best_k"]), _cell(r["in_sample_gain"], fmt_gain),
+            MISSING if ks == (None, None) else " / ".join(fmt_k(k) for k in ks),
+            _cell(r["heldout_gain"], fmt_gain), _cell(r["in_sample_gain_at_fixed_k"], fmt_gain),
+            _cell(r["heldout_gain_at_fixed_k"], fmt_gain),
+            _cell(r["false_positive_rate"], fmt_rate),
+        ])  # fmt: skip
+    return markdown_table(BENCHMARK_HEADERS, body, left=2)

@@ -1,0 +1,201 @@
+"""The masking table under both protocols, and the controls table.
+
+Rows are dicts (accuracies as fractions, None where undefined) for CSV and
+JSON; the markdown tables are rendered from the same rows. Only checkpoints
+with held-out records (``heldout-<method>.json``) have rows.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List
+
+from ..protocol import FIXED_K
+from .cells import fmt_gain, fmt_k, fmt_pm, fmt_positive, pick, positive_share
+from .load import Run
+from .summaries import RANDOM, method_summary, protocol_methods, random_control
+from .tables import MISSING, fmt_accuracy, fmt_count, markdown_table
+
+__all__ = [
+    "CONTROL_HEADERS",
+    "PROTOCOL_HEADERS",
+    "control_rows",
+    "control_table",
+    "protocol_rows",
+    "protocol_table",
+    "split_lines",
+]
+
+ARROW = {"A->B": "A→B", "B->A": "B→A"}
+
+
+def _fold_key(name: str) -> str:
+    return name.replace("->", "").lower()  # "A->B" -> "ab"
+
+
+def _row(ckpt: str, method: str, draws: Any, ref: Dict[str, Any], folds: List[Dict[str, Any]],
+         **means: Any) -> Dict[str, Any]:  # fmt: skip
+    """A protocol row; `ref` and `folds` as the summaries give them (``sd``: over draws)."""
+    row: Dict[str, Any] = {
+        "checkpoint": ckpt, "method": method, "draws": draws, "baseline": ref.get("baseline"),
+        "reference_best_k": ref.get("best_k"), "reference_accuracy": ref.get("accuracy"),
+        "reference_accuracy_sd": ref.get("sd"), "reference_gain": ref.get("gain"),
+    }  # fmt: skip
+    for fold in folds:
+        key = _fold_key(fold["fold"])
+        for field in ("best_k", "accuracy", "gain"):
+            row[f"{key}_{field}"] = fold.get(field)
+        row[f"{key}_accuracy_sd"] = fold.get("sd")
+    return {**row, "fixed_k": FIXED_K, **means}
+
+
+def _method_row(ckpt: str, s: Dict[str, Any]) -> Dict[str, Any]:
+    ref, held = s["reference"], s["heldout"]
+    return _row(
+        ckpt, s["method"], None, ref, held["folds"],
+        heldout_mean_gain=held["mean_gain"],
+        beyond_recalibration_mean=held["mean_beyond_recalibration"],
+        masked_recalibrated_mean=held["mean_masked_recalibrated"],
+        reference_at_fixed_k=ref["at_fixed_k"], reference_at_fixed_k_sd=None,
+        heldout_at_fixed_k_mean=held["mean_at_fixed_k"],
+    )  # fmt: skip
+
+
+def _random_row(ckpt: str, r: Dict[str, Any]) -> Dict[str, Any]:
+    return _row(
+        ckpt, RANDOM, r["draws"], r["reference"] or {"baseline": r["baseline"]}, r["folds"],
+        heldout_mean_gain=r["mean_gain"],
+        beyond_recalibration_mean=r["mean_beyond_recalibration"],
+        masked_recalibrated_mean=r["mean_masked_recalibrated"],
+        reference_at_fixed_k=pick(r["fixed"], "mean"), reference_at_fixed_k_sd=pick(r["fixed"], "sd"),
+        heldout_at_fixed_k_mean=r["fixed_heldout"],
+    )  # fmt: skip
+
+
+def protocol_rows(run: Run) -> List[Dict[str, Any]]:
+    """Per checkpoint: one row per method with a held-out record, then the random-k control."""
+    rows = []
+    for ckpt in run.checkpoints:
+        for m in protocol_methods(ckpt):
+            rows.append(_method_row(ckpt.name, method_summary(ckpt.heldouts[m])))
+        if RANDOM in ckpt.heldouts:
+            rows.append(_random_row(ckpt.name, random_control(ckpt.heldouts[RANDOM])))
+    return rows
+
+
+PROTOCOL_HEADERS = (
+    "checkpoint", "method", "baseline (all rows)",
+    "reference: best k", "reference: accuracy", "reference: gain",
+    "A→B: best k", "A→B: accuracy on B", "A→B: gain",
+    "B→A: best k", "B→A: accuracy on A", "B→A: gain",
+    "held-out gain (mean)", "beyond recalibration (mean)", "masked + recalibrated (mean)",
+    f"k = {FIXED_K:,}: reference", f"k = {FIXED_K:,}: held-out (mean)",
+)  # fmt: skip
+
+
+def _method_label(row: Dict[str, Any]) -> str:
+    if row["method"] == RANDOM:
+        return f"random-k ({row['draws']} draws)"
+    return row["method"]
+
+
+def protocol_table(run: Run) -> str:
+    """Markdown: the reference protocol beside each held-out fold ("" without records)."""
+    rows = protocol_rows(run)
+    if not rows:
+        return ""
+    body = []
+    for r in rows:
+        cells = [r["checkpoint"], _method_label(r), fmt_accuracy(r["baseline"]),
+                 fmt_k(r["reference_best_k"]),
+                 fmt_pm(r["reference_accuracy"], r["reference_accuracy_sd"]),
+                 fmt_gain(r["reference_gain"])]  # fmt: skip
+        for key in ("ab", "ba"):
+            acc = fmt_pm(r[f"{key}_accuracy"], r[f"{key}_accuracy_sd"])
+            cells += [fmt_k(r[f"{key}_best_k"]), acc, fmt_gain(r[f"{key}_gain"])]
+        cells += [fmt_gain(r["heldout_mean_gain"]), fmt_gain(r["beyond_recalibration_mean"]),
+                  fmt_accuracy(r["masked_recalibrated_mean"]),
+                  fmt_pm(r["reference_at_fixed_k"], r["reference_at_fixed_k_sd"]),
+                  fmt_accuracy(r["heldout_at_fixed_k_mean"])]  # fmt: skip
+        body.append(cells)
+    return markdown_table(PROTOCOL_HEADERS, body, left=2)
+
+
+# --------------------------------------------------------------------------- controls
+
+
+def _control(ckpt: str, method: str, protocol: str, fold: Dict[str, Any], **kw) -> Dict[str, Any]:
+    before, after = fold.get("share_before"), fold.get("share_after")
+    return {
+        "checkpoint": ckpt, "method": method, "protocol": protocol,
+        "best_k": fold.get("best_k"), "unmasked": fold.get("baseline"),
+        "recalibrated": fold.get("recalibrated"), "masked": fold.get("accuracy"),
+        "masked_sd": kw.get("sd"), "masked_recalibrated": fold.get("masked_recalibrated"),
+        "beyond_recalibration": fold.get("beyond_recalibration"),
+        "positive_before": positive_share(before), "positive_after": positive_share(after),
+        "shares_before": before, "shares_after": after,
+    }  # fmt: skip
+
+
+def control_rows(run: Run) -> List[Dict[str, Any]]:
+    """Per checkpoint and method: the reference protocol and each fold, with the controls.
+
+    The reference protocol has no recalibration control (its offset would be
+    chosen on the rows it is measured on).
+    """
+    rows = []
+    for ckpt in run.checkpoints:
+        for m in protocol_methods(ckpt):
+            s = method_summary(ckpt.heldouts[m])
+            rows.append(_control(ckpt.name, m, "reference", s["reference"]))
+            for fold in s["heldout"]["folds"]:
+                rows.append(_control(ckpt.name, m, fold["fold"], fold))
+        if RANDOM in ckpt.heldouts:
+            r = random_control(ckpt.heldouts[RANDOM])
+            ref = r["reference"] or {"baseline": r["baseline"]}
+            rows.append(_control(ckpt.name, RANDOM, "reference", ref, sd=ref.get("sd")))
+            for fold in r["folds"]:
+                rows.append(_control(ckpt.name, RANDOM, fold["fold"], fold, sd=fold.get("sd")))
+    return rows
+
+
+CONTROL_HEADERS = (
+    "checkpoint", "method", "protocol", "best k", "unmasked", "recalibrated alone", "masked",
+    "masked + recalibrated", "gain beyond recalibration", "positive share before",
+    "positive share after",
+)  # fmt: skip
+
+
+def control_table(run: Run) -> str:
+    """Markdown: recalibration alone and after masking, predicted-class balance ("" if none)."""
+    rows = control_rows(run)
+    if not rows:
+        return ""
+    body = []
+    for r in rows:
+        method = "random-k" if r["method"] == RANDOM else r["method"]
+        protocol = "reference (all → all)" if r["protocol"] == "reference" else ARROW[r["protocol"]]
+        recal = MISSING if r["protocol"] == "reference" else fmt_accuracy(r["recalibrated"])
+        body.append([
+            r["checkpoint"], method, protocol, fmt_k(r["best_k"]), fmt_accuracy(r["unmasked"]),
+            recal, fmt_pm(r["masked"], r["masked_sd"]),
+            fmt_accuracy(r["masked_recalibrated"]) if r["protocol"] != "reference" else MISSING,
+            fmt_gain(r["beyond_recalibration"]) if r["protocol"] != "reference" else MISSING,
+            fmt_positive(r["shares_before"]), fmt_positive(r["shares_after"]),
+        ])  # fmt: skip
+    return markdown_table(CONTROL_HEADERS, body, left=3)
+
+
+def split_lines(run: Run) -> List[str]:
+    """One line per checkpoint with a split: seed, half sizes, the start of their hashes."""
+    lines = []
+    for ckpt in run.checkpoints:
+        split = ckpt.split
+        if split is None:
+            continue
+        d = split.to_json()
+        lines.append(
+            f"- `{ckpt.name}`: split seed {split.seed}, A = {fmt_count(len(split.a))} rows "
+            f"(sha256 {d['sha256_a'][:12]}…), B = {fmt_count(len(split.b))} rows "
+            f"(sha256 {d['sha256_b'][:12]}…) of {fmt_count(split.n)}"
+        )
+    return lines
