@@ -3,7 +3,9 @@
 Everything is taken with respect to the analysed parameters only (a `ParamSpace`);
 the model's other parameters and buffers stay fixed. A dataset's gradient or
 product is the batch-size-weighted mean over its batches, so it equals the
-gradient or product of the mean loss over all samples.
+gradient or product of the mean loss over all samples. What a batch counts
+(rows, tokens) is `Objective.batch_size` or an explicit ``batch_size_fn``;
+``num_examples`` divides by a given count instead of the sum of those weights.
 
 Curvatures:
 - ``"hessian"``: H v, the Hessian of the loss.
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -35,7 +37,7 @@ from .errors import NonFiniteError
 from .objective import Objective, batch_size
 from .params import ParamSpace
 
-__all__ = ["CURVATURES", "MODES", "Curvature"]
+__all__ = ["CURVATURES", "MODES", "Curvature", "resolve_batch_size"]
 
 log = logging.getLogger("mftx")
 
@@ -156,12 +158,41 @@ def _ggn_product(fn: _Functional, mode: str) -> Callable:
     return ggn
 
 
+def resolve_batch_size(
+    loss_fn: Any, batch_size_fn: Optional[Callable[[Any], float]] = None
+) -> Callable[[Any], float]:
+    """A batch's weight in a dataset mean: `batch_size_fn`, else the loss's own
+    ``batch_size`` (`Objective.batch_size`), else the number of rows."""
+    if batch_size_fn is not None:
+        return batch_size_fn
+    own = getattr(loss_fn, "batch_size", None)
+    return own if callable(own) else batch_size
+
+
+def _weights(size: Callable[[Any], float], batches: Sequence[Any], what: str) -> List[float]:
+    out = []
+    for i, b in enumerate(batches):
+        w = size(b)
+        if isinstance(w, torch.Tensor) and w.numel() == 1:
+            w = w.item()
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not (0 <= w < math.inf):
+            raise ValueError(
+                f"the batch size of {what} batch {i} is {w!r}: batch_size_fn must return a "
+                "finite number >= 0 (the batch's weight in the dataset mean)"
+            )
+        out.append(float(w))
+    return out
+
+
 class Curvature:
     """Gradients and curvature products of `loss_fn` over `batches`, on flat vectors.
 
     `matvec(v)` returns the batch-size-weighted mean of the per-batch products
     (or over the batches named by `indices`). `gradient(batches)` returns the
-    weighted mean gradient and mean loss of any list of batches.
+    weighted mean gradient and mean loss of any list of batches. Weights come
+    from `batch_size_fn` (default: `resolve_batch_size`); with `num_examples`
+    every mean is rescaled to a sum over the batches divided by it (a subset of
+    the batches counts its share of `num_examples`, in proportion to weight).
     """
 
     def __init__(
@@ -176,6 +207,8 @@ class Curvature:
         cache_graphs: bool = False,
         check_finite: bool = True,
         distributed: Optional[bool] = None,
+        batch_size_fn: Optional[Callable[[Any], float]] = None,
+        num_examples: Optional[float] = None,
     ):
         if curvature not in CURVATURES:
             raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
@@ -195,7 +228,12 @@ class Curvature:
             )
         self.space = space
         self.batches = list(batches)
-        self.weights = [batch_size(b) for b in self.batches]
+        self._size = resolve_batch_size(loss_fn, batch_size_fn)
+        self.weights = _weights(self._size, self.batches, "curvature")
+        if num_examples is not None and not (0 < num_examples < math.inf):
+            raise ValueError(f"num_examples must be a positive number, got {num_examples!r}")
+        self.num_examples = num_examples
+        self._scale: Optional[float] = None
         self.curvature = curvature
         self.mode = mode
         self.backend = backend
@@ -232,9 +270,10 @@ class Curvature:
         total = torch.zeros(self.space.numel, dtype=self.space.dtype, device=self.space.device)
         views = self.space.unflatten(total)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.space.device)
-        n_all = 0
+        n_all = 0.0
+        sizes = _weights(self._size, batches, what)  # before the loop: no syncs inside it
         for i, b in enumerate(batches):
-            n = batch_size(b)
+            n = sizes[i]
             g, loss = self._grad(params, b)
             if self.check_finite and not bool(torch.isfinite(loss)):
                 raise NonFiniteError(f"{what} is {float(loss)} on batch {i}")
@@ -250,6 +289,10 @@ class Curvature:
             raise ValueError(f"no samples to compute the {what} gradient on")
         total /= n_all
         mean_loss = float(counts[0]) / n_all
+        if self.num_examples is not None:
+            scale = self.scale()
+            total *= scale
+            mean_loss *= scale
         if not math.isfinite(mean_loss):
             raise NonFiniteError(f"the mean {what} is {mean_loss}")
         if not bool(torch.isfinite(total).all()):
@@ -265,6 +308,17 @@ class Curvature:
             dist.all_reduce(vec, op=dist.ReduceOp.SUM)
             dist.all_reduce(counts, op=dist.ReduceOp.SUM)
         return vec, counts
+
+    def scale(self) -> float:
+        """Sum of the batches' weights (over ranks) / `num_examples`; 1 without it."""
+        if self.num_examples is None:
+            return 1.0
+        if self._scale is None:
+            w = torch.tensor([sum(self.weights)], dtype=torch.float64, device=self.space.device)
+            if self.distributed:
+                torch.distributed.all_reduce(w, op=torch.distributed.ReduceOp.SUM)
+            self._scale = float(w[0]) / self.num_examples
+        return self._scale
 
     def _where(self, flat: int):
         ends = torch.tensor(self.space.numels).cumsum(0)
@@ -319,7 +373,11 @@ class Curvature:
             count = torch.tensor([float(n_all)], dtype=torch.float64, device=out.device)
             out, count = self._all_reduce(out, count)
             n_all = float(count[0])
+        if n_all == 0:
+            raise ValueError("the curvature's batches weigh nothing (every batch size is 0)")
         out /= n_all
+        if self.num_examples is not None:
+            out *= self.scale()
         if self.check_finite and not bool(torch.isfinite(out).all()):
             raise NonFiniteError(
                 f"the {self.curvature}-vector product is not finite (mode {self.mode}); "

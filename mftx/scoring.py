@@ -14,7 +14,9 @@ Methods (the sign convention is in `mftx.scores.METHODS`):
 from __future__ import annotations
 
 import logging
+import math
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Callable, Iterable, Optional
 
@@ -23,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import ops, solvers
-from .hvp import CURVATURES, MODES, Curvature
+from .hvp import CURVATURES, MODES, Curvature, resolve_batch_size
 from .objective import check_batches, default_loss
 from .params import ParamSpace, select_params
 from .scores import METHODS, Scores
@@ -77,6 +79,16 @@ class ScoreConfig:
     distributed: Optional[bool] = _help(
         "all-reduce gradients and HVPs over torch.distributed ranks (None: when initialised)", None
     )
+    batch_size_fn: Optional[Callable[[Any], float]] = _help(
+        "batch -> its weight in the dataset mean (examples, tokens); None: the loss's own "
+        "count (Objective.batch_size; the HF loss counts labelled entries)",
+        None,
+    )
+    num_examples: Optional[Mapping[str, float]] = _help(
+        "{'train': N, 'val': M}: divide dataset sums by these counts instead of the summed "
+        "batch sizes (e.g. losses summed over rows)",
+        None,
+    )
     progress: bool = _help("show tqdm progress bars", True)
 
     def validate(self) -> None:
@@ -100,6 +112,18 @@ class ScoreConfig:
         if self.probes < 0:
             raise ValueError(f"probes must be >= 0 (0: exact diagonal), got {self.probes}")
         ops._checks.lr_value(self.lr)
+        if self.batch_size_fn is not None and not callable(self.batch_size_fn):
+            raise TypeError(f"batch_size_fn must be callable, got {self.batch_size_fn!r}")
+        if self.num_examples is not None:
+            keys = set(self.num_examples) if isinstance(self.num_examples, Mapping) else None
+            if keys is None or not keys <= {"train", "val"}:
+                raise ValueError(
+                    "num_examples must be a dict with keys 'train' and/or 'val', "
+                    f"got {self.num_examples!r}"
+                )
+            for k, v in self.num_examples.items():
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+                    raise ValueError(f"num_examples[{k!r}] must be a positive number, got {v!r}")
         if self.backend == "xla":
             from . import xla
 
@@ -111,14 +135,45 @@ class ScoreConfig:
 
 
 def _materialise(data: Optional[Iterable], what: str, needed: bool) -> list:
+    """The batches of `data` as a list, read once: a list, any iterable, a DataLoader.
+
+    Mapping batches (a collator's BatchEncoding) become plain dicts. The solvers
+    pass over the batches many times, so a shuffling DataLoader is read once and
+    its order kept.
+    """
     if data is None:
         if needed:
             raise ValueError(f"{what} is None but the method needs {what} batches")
         return []
-    batches = list(data)
+    if isinstance(data, (Mapping, torch.Tensor)):
+        raise TypeError(
+            f"{what} is a single {type(data).__name__}; pass an iterable of batches "
+            "(a list of dicts, a DataLoader)"
+        )
+    try:
+        it = iter(data)
+    except TypeError:
+        raise TypeError(
+            f"{what} must be an iterable of batches (a list of dicts, a DataLoader), "
+            f"got {type(data).__name__}"
+        ) from None
+    batches = [dict(b) if isinstance(b, Mapping) else b for b in it]
     if needed and not batches:
         raise ValueError(f"{what} is empty: the method needs at least one {what} batch")
     return batches
+
+
+def _to_device(batches: list, device: torch.device) -> list:
+    """Batches with their tensors on `device` (those already there are not copied)."""
+    out = []
+    for b in batches:
+        if isinstance(b, dict):
+            b = {
+                k: v.to(device) if isinstance(v, torch.Tensor) and v.device != device else v
+                for k, v in b.items()
+            }
+        out.append(b)
+    return out
 
 
 def _needs(method: str):
@@ -193,6 +248,8 @@ def score_with_config(
             f"analysed parameter(s) without grad (requires_grad=False): {frozen[:5]}"
             f"{' ...' if len(frozen) > 5 else ''}; unfreeze them or exclude them from params"
         )
+    if cfg.backend != "xla":
+        train_b, val_b = _to_device(train_b, space.device), _to_device(val_b, space.device)
     loss_fn = loss_fn if loss_fn is not None else default_loss(model)
     check_batches(loss_fn, train_b, "train")
     check_batches(loss_fn, val_b, "val")
@@ -220,20 +277,31 @@ def score_with_config(
     config = asdict(cfg)
     config["n_train_batches"] = len(train_b)
     config["n_val_batches"] = len(val_b)
-    config["loss_fn"] = getattr(loss_fn, "__qualname__", type(loss_fn).__qualname__)
+    config["loss_fn"] = _name(loss_fn)
+    config["batch_size_fn"] = None if cfg.batch_size_fn is None else _name(cfg.batch_size_fn)
     s = Scores(cfg.method, dict(zip(space.names, tensors)), config=config, stats=stats)
     s._fused_flagged = fused
     return s
 
 
-def _curvature(model, space, batches, loss_fn, cfg: ScoreConfig) -> Curvature:
+def _name(fn: Any) -> str:
+    return getattr(fn, "__qualname__", type(fn).__qualname__)
+
+
+def _curvature(
+    model, space, batches, loss_fn, cfg: ScoreConfig, which: str, share: float = 1.0
+) -> Curvature:
+    """The Curvature over `batches` of the `which` set ('train' or 'val'); `share`: the
+    part of that set's weight the batches hold (for num_examples of a subsample)."""
     backend = cfg.backend
     if backend == "xla":
         backend = "openxla" if cfg.xla_compile else "eager"  # eager here: lazy XLA tensors
+    n = (cfg.num_examples or {}).get(which)
     op = Curvature(
         model, space, batches, loss_fn, curvature=cfg.curvature, mode=cfg.hvp_mode,
         backend=backend, cache_graphs=cfg.cache_graphs,
         check_finite=not cfg.fixed_iterations, distributed=cfg.distributed,
+        batch_size_fn=cfg.batch_size_fn, num_examples=n if n is None else n * share,
     )  # fmt: skip
     if cfg.backend == "xla":
         from . import xla
@@ -243,7 +311,7 @@ def _curvature(model, space, batches, loss_fn, cfg: ScoreConfig) -> Curvature:
 
 
 def _gradient(model, space, train, val, loss_fn, cfg):
-    op = _curvature(model, space, train, loss_fn, cfg)
+    op = _curvature(model, space, train, loss_fn, cfg, "train")
     g, loss = op.gradient(_progress(train, cfg, "train gradient"), "training loss")
     grads = space.unflatten(g)
     theta = space.detached()
@@ -256,10 +324,14 @@ def _gradient(model, space, train, val, loss_fn, cfg):
 
 
 def _influence(model, space, train, val, loss_fn, cfg):
-    val_op = _curvature(model, space, val, loss_fn, cfg)
+    val_op = _curvature(model, space, val, loss_fn, cfg, "val")
     g_val, val_loss = val_op.gradient(_progress(val, cfg, "val gradient"), "validation loss")
     idx = solvers.sample_indices(len(train), cfg.hvp_batches, cfg.seed)
-    op = _curvature(model, space, [train[i] for i in idx], loss_fn, cfg)
+    share = 1.0
+    if len(idx) < len(train) and (cfg.num_examples or {}).get("train") is not None:
+        w = [resolve_batch_size(loss_fn, cfg.batch_size_fn)(b) for b in train]
+        share = sum(w[i] for i in idx) / sum(w)
+    op = _curvature(model, space, [train[i] for i in idx], loss_fn, cfg, "train", share)
     try:
         res = _solve(op, g_val, cfg)
     finally:
@@ -295,14 +367,14 @@ def _solve(op: Curvature, b: torch.Tensor, cfg: ScoreConfig) -> solvers.SolveRes
 
 
 def _taylor(model, space, train, val, loss_fn, cfg):
-    op = _curvature(model, space, val, loss_fn, cfg)
+    op = _curvature(model, space, val, loss_fn, cfg, "val")
     g_val, val_loss = op.gradient(_progress(val, cfg, "val gradient"), "validation loss")
     out = [-(g * p) for g, p in zip(space.unflatten(g_val), space.detached())]
     return out, {"val_loss": val_loss, "val_grad_norm": float(g_val.norm())}, None
 
 
 def _obd(model, space, train, val, loss_fn, cfg):
-    op = _curvature(model, space, val, loss_fn, cfg)
+    op = _curvature(model, space, val, loss_fn, cfg, "val")
     g_val, val_loss = op.gradient(_progress(val, cfg, "val gradient"), "validation loss")
     if cfg.probes == 0:
         diag = exact_diagonal(op, cfg.progress)
