@@ -20,7 +20,10 @@ Modes (how second derivatives are taken):
 - ``"double-backward"``: ``torch.autograd.grad`` with ``create_graph=True``.
   With ``cache_graphs=True`` the first-order graph of every batch is kept, so a
   product costs one backward pass through it instead of forward + two backward
-  passes (memory: one graph per batch).
+  passes (memory: one graph per batch). ``cache_graphs="auto"`` (any mode, eager
+  backend) measures the first batch's graph and keeps graphs only when those of
+  all batches fit ``cache_budget`` × the free memory (`mftx.memory`); otherwise
+  products run uncached in the given mode.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, grad_and_value, jvp, vjp
 
+from . import memory
 from .errors import NonFiniteError
 from .objective import Objective, batch_size
 from .params import ParamSpace
@@ -209,6 +213,7 @@ class Curvature:
         distributed: Optional[bool] = None,
         batch_size_fn: Optional[Callable[[Any], float]] = None,
         num_examples: Optional[float] = None,
+        cache_budget: float = 0.5,
     ):
         if curvature not in CURVATURES:
             raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
@@ -219,8 +224,14 @@ class Curvature:
                 "curvature='ggn' needs the loss split into outputs and a loss on them: pass "
                 "loss_fn=mftx.Objective(outputs, loss) (the default HF objective has it)"
             )
-        if cache_graphs and mode != "double-backward":
+        if cache_graphs not in (False, True, "auto"):
+            raise ValueError(f"cache_graphs must be True, False or 'auto', got {cache_graphs!r}")
+        if cache_graphs is True and mode != "double-backward":
             raise ValueError("cache_graphs=True needs mode='double-backward'")
+        if cache_graphs == "auto" and backend != "eager":
+            raise ValueError("cache_graphs='auto' needs backend='eager' (graphs are kept eagerly)")
+        if not 0 < cache_budget <= 1:
+            raise ValueError(f"cache_budget must be in (0, 1], got {cache_budget!r}")
         if backend == "compile" and mode == "double-backward":
             raise ValueError(
                 "backend='compile' traces torch.func transforms; use mode 'rev-rev' or 'fwd-rev' "
@@ -238,6 +249,9 @@ class Curvature:
         self.mode = mode
         self.backend = backend
         self.cache_graphs = cache_graphs
+        self.cache_budget = cache_budget
+        #: cache_graphs="auto": what `memory.cache_fits` decided on the first product.
+        self.cache_decision: Optional[Dict[str, Any]] = None
         self.check_finite = check_finite
         if distributed is None:
             distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -246,6 +260,7 @@ class Curvature:
         self.n_batch_products = 0
         #: Called with the CG state after each iteration (XLA cuts its graph there).
         self.sync: Optional[Callable[[list], None]] = None
+        self._model = model
         self._fn = _Functional(model, space, loss_fn)
         product = (_hessian_product if curvature == "hessian" else _ggn_product)(self._fn, mode)
         grad_fn = grad_and_value(self._fn.loss)
@@ -327,20 +342,54 @@ class Curvature:
         return self.space.locate(t, flat - start)
 
     # ------------------------------------------------------------------ products
+    def _build_graph(self, i: int, params: Params) -> Tuple[Params, Tuple[torch.Tensor, ...]]:
+        """Leaves and the first-order graph's outputs for batch i (gradient or outputs)."""
+        with torch.enable_grad():
+            leaves = tuple(p.detach().requires_grad_() for p in params)
+            if self.curvature == "hessian":
+                loss = self._fn.loss(leaves, self.batches[i])
+                return leaves, torch.autograd.grad(loss, leaves, create_graph=True)
+            return leaves, (self._fn.outputs(leaves, self.batches[i]),)
+
+    def _decide_caching(self, i: int, params: Params) -> None:
+        """cache_graphs="auto": build batch i's graph, measure it, keep graphs if all fit."""
+        available = memory.available_bytes(self.space.device)
+        batch = self.batches[i]
+        resident = [*self._model.parameters(), *self._model.buffers()]
+        resident += [t for t in (batch.values() if isinstance(batch, dict) else batch)
+                     if isinstance(t, torch.Tensor)]  # fmt: skip
+        with memory.saved_bytes(resident) as counter:
+            graph = self._build_graph(i, params)
+        for t in graph[1]:
+            counter.add(t)
+        sizes = [memory.input_numel(batch)]
+        sizes += [memory.input_numel(b) for j, b in enumerate(self.batches) if j != i]
+        self.cache_decision = memory.cache_fits(counter.bytes, sizes, available, self.cache_budget)
+        if self.cache_decision["cached"]:
+            self._graphs[i] = graph
+        log.info(
+            "cache_graphs='auto': %s (graphs of %d batches about %.3g GiB, budget %.3g GiB)",
+            "caching" if self.cache_decision["cached"] else "not caching",
+            len(self.batches),
+            self.cache_decision["estimated_bytes"] / 2**30,
+            self.cache_budget * (available or 0) / 2**30,
+        )
+
+    @property
+    def caching(self) -> bool:
+        """Whether products run through kept graphs (for "auto": once decided)."""
+        if self.cache_graphs == "auto":
+            return bool(self.cache_decision and self.cache_decision["cached"])
+        return bool(self.cache_graphs)
+
     def _batch_product(self, i: int, params: Params, v: Params) -> Tuple[torch.Tensor, ...]:
         self.n_batch_products += 1
-        if not self.cache_graphs:
+        if self.cache_graphs == "auto" and self.cache_decision is None:
+            self._decide_caching(i, params)
+        if not self.caching:
             return self._product(params, v, self.batches[i])
         if i not in self._graphs:
-            with torch.enable_grad():
-                leaves = tuple(p.detach().requires_grad_() for p in params)
-                if self.curvature == "hessian":
-                    loss = self._fn.loss(leaves, self.batches[i])
-                    g = torch.autograd.grad(loss, leaves, create_graph=True)
-                    self._graphs[i] = (leaves, g)
-                else:
-                    z = self._fn.outputs(leaves, self.batches[i])
-                    self._graphs[i] = (leaves, (z,))
+            self._graphs[i] = self._build_graph(i, params)
         leaves, g = self._graphs[i]
         if self.curvature == "hessian":
             return torch.autograd.grad(g, leaves, grad_outputs=v, retain_graph=True)

@@ -18,7 +18,7 @@ import math
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 from torch import nn
@@ -54,7 +54,12 @@ class ScoreConfig:
     lr: float = _help("learning rate of the gradient rule |θ − lr·g| < |θ|", 2e-5)
     backend: str = _help("eager | compile (torch.compile) | xla (torch_xla)", "eager")
     hvp_mode: str = _help("rev-rev | fwd-rev | double-backward", "rev-rev")
-    cache_graphs: bool = _help("double-backward only: keep each batch's first-order graph", False)
+    cache_graphs: Union[bool, str] = _help(
+        "True (double-backward): keep each batch's first-order graph; 'auto': only when the "
+        "graphs of all HVP batches fit cache_budget x the free memory",
+        False,
+    )
+    cache_budget: float = _help("cache_graphs='auto': share of free memory graphs may take", 0.5)
     hvp_batches: Optional[int] = _help(
         "use this many training batches (seeded) for HVPs; None: all", None
     )
@@ -104,6 +109,9 @@ class ScoreConfig:
         one_of("backend", BACKENDS)
         one_of("hvp_mode", MODES)
         one_of("on_negative_curvature", ("raise", "stop"))
+        one_of("cache_graphs", (False, True, "auto"))
+        if not 0 < self.cache_budget <= 1:
+            raise ValueError(f"cache_budget must be in (0, 1], got {self.cache_budget!r}")
         solvers._check_damping(self.damping)
         if self.max_iter < 1:
             raise ValueError(f"max_iter must be >= 1, got {self.max_iter}")
@@ -299,7 +307,7 @@ def _curvature(
     n = (cfg.num_examples or {}).get(which)
     op = Curvature(
         model, space, batches, loss_fn, curvature=cfg.curvature, mode=cfg.hvp_mode,
-        backend=backend, cache_graphs=cfg.cache_graphs,
+        backend=backend, cache_graphs=cfg.cache_graphs, cache_budget=cfg.cache_budget,
         check_finite=not cfg.fixed_iterations, distributed=cfg.distributed,
         batch_size_fn=cfg.batch_size_fn, num_examples=n if n is None else n * share,
     )  # fmt: skip
@@ -346,6 +354,8 @@ def _influence(model, space, train, val, loss_fn, cfg):
         "n_batch_hvp": op.n_batch_products,
         "solver": res.stats(),
     }
+    if op.cache_decision is not None:
+        stats["graph_cache"] = op.cache_decision
     return out, stats, None
 
 
