@@ -27,6 +27,7 @@ __all__ = [
     "load_classifier",
     "make_tiny_bert",
     "make_tiny_classifier",
+    "tiny_config",
     "read_metadata",
     "resolve_model",
     "save_classifier",
@@ -358,10 +359,11 @@ def _tiny_vocab(words: Iterable[str]) -> List[str]:
 TINY_FAMILIES = ("bert", "roberta", "distilbert", "gpt2", "llama")
 
 
-def _tiny_config(
+def tiny_config(
     family: str, vocab: int, hidden: int, layers: int, heads: int, inter: int, labels: int,
     max_position: int,
 ) -> Any:  # fmt: skip
+    """The transformers config of a tiny `family` classifier whose pad token is id 0."""
     import transformers as T
 
     pad, cls, sep = (_TINY_SPECIALS.index(t) for t in ("[PAD]", "[CLS]", "[SEP]"))
@@ -431,7 +433,7 @@ def make_tiny_classifier(
         str(out), do_lower_case=True, model_max_length=max_position, local_files_only=True,
         model_input_names=inputs,
     )  # fmt: skip
-    config = _tiny_config(
+    config = tiny_config(
         family, len(vocab), hidden_size, layers, heads, intermediate, num_labels, max_position
     )
     with torch.random.fork_rng(devices=[]):
