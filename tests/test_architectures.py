@@ -15,7 +15,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from _toys import TOY_WORDS, dense_ggn, mean_loss_fn, toy_sst2
+from _toys import TOY_WORDS, dense_ggn, toy_sst2
 from torch.func import functional_call, hessian
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -46,9 +46,9 @@ LEAKED_BY_NAMES = {
     "gpt2": ["transformer.wte.weight", "transformer.h.0.ln_1.weight", "score.weight"],
     "distilbert": ["pre_classifier.weight"],
     "llama": ["model.embed_tokens.weight", "model.norm.weight", "score.weight"],
-    "vit": ["vit.embeddings.cls_token", "vit.layers.0.layernorm_before.weight"],
 }
-#: A few hundred analysed parameters in the last block, for dense oracles.
+#: 64-80 analysed parameters in the last block (attention output, MLP output bias),
+#: for dense oracles.
 SMALL = {
     "bert": [r"layer\.1\.attention\.output\.dense", r"layer\.1\.output\.dense\.bias"],
     "roberta": [r"layer\.1\.attention\.output\.dense", r"layer\.1\.output\.dense\.bias"],
@@ -57,20 +57,25 @@ SMALL = {
     "llama": [r"layers\.1\.self_attn\.o_proj"],
     "vit": [r"layers\.1\.attention\.o_proj", r"layers\.1\.mlp\.fc2\.bias"],
 }
+HIDDEN, INTER = 8, 16
+#: Llama's and ViT's eager attention take the softmax in float32 (Llama's RMSNorm too), even
+#: in a float64 model: mftx's per-batch derivatives and the oracle's whole-set ones scale
+#: the values passing there differently, so float32 rounding separates them by ~1e-8.
+LOOSE = {"llama": 1e-6, "vit": 1e-6}
 
 
 def tiny_model(family: str, seed: int = 0):
-    """A float64, eager-attention, 2-block, 16-wide random classifier with 3 labels."""
+    """A float64, eager-attention, 2-block, 8-wide random classifier with 3 labels."""
     import transformers as T
 
     if family == "vit":
         config = T.ViTConfig(
-            image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=2,
-            num_attention_heads=2, intermediate_size=32, num_labels=3,
+            image_size=8, patch_size=4, num_channels=3, hidden_size=HIDDEN, num_hidden_layers=2,
+            num_attention_heads=2, intermediate_size=INTER, num_labels=3,
         )  # fmt: skip
-        cls = T.ViTForImageClassification
+        cls = T.AutoModelForImageClassification
     else:
-        config = tiny_config(family, VOCAB, 16, 2, 2, 32, 3, 16)
+        config = tiny_config(family, VOCAB, HIDDEN, 2, 2, INTER, 3, 16)
         cls = T.AutoModelForSequenceClassification
     config.initializer_range = 0.2  # far enough from zero for curvature to matter
     with torch.random.fork_rng(devices=[]):
@@ -103,6 +108,23 @@ def problem(request):
     family = request.param
     model = tiny_model(family)
     return family, model, batches(family, [4, 3], 0), batches(family, [5], 1)
+
+
+def _logits(model, state, b):
+    return functional_call(model, state, (), {k: v for k, v in b.items() if k != "labels"}).logits
+
+
+def mean_ce(model, space, batches):
+    """flat θ -> row-weighted mean cross-entropy of the logits (not transformers' own loss,
+    which some families compute in float32)."""
+
+    def f(theta):
+        state = dict(zip(space.names, space.unflatten(theta)))
+        total = sum(F.cross_entropy(_logits(model, state, b), b["labels"], reduction="sum")
+                    for b in batches)  # fmt: skip
+        return total / sum(len(b["labels"]) for b in batches)
+
+    return f
 
 
 def rel(a, b):
@@ -165,7 +187,8 @@ def test_bert_base_and_gpt2_small_on_the_meta_device():
     s = mftx.select_params(bert).summary()
     assert (s["analysed"], s["total"]) == (85_017_600, 109_483_778)
     assert {k: g["params"] for k, g in s["excluded"].items()} == {
-        "embedding": 23_440_896, "normalisation": 38_400, "pooler": 590_592, "head": 1_538,
+        "embedding": (30522 + 512 + 2) * 768, "normalisation": 25 * 2 * 768, "pooler": 590_592,
+        "head": 1_538,
     }  # fmt: skip
     g = mftx.select_params(gpt2).summary()
     # GPT-2 small: 12 blocks × (c_attn, c_proj, c_fc, c_proj with biases).
@@ -181,40 +204,33 @@ def test_bert_base_and_gpt2_small_on_the_meta_device():
 def test_influence_matches_a_dense_float64_solve(problem, curvature):
     family, model, train, val = problem
     space = mftx.select_params(model, include=SMALL[family])
-    assert 200 <= space.numel <= 300
+    assert 64 <= space.numel <= 80
     theta = space.flatten(space.detached())
     if curvature == "hessian":
-        C = hessian(mean_loss_fn(model, space, train, None))(theta).detach()
+        C = hessian(mean_ce(model, space, train))(theta).detach()
         damping = 2.0 * max(0.0, -float(torch.linalg.eigvalsh(C).min())) + 0.05
     else:
-
-        def outputs(state, b):
-            return functional_call(model, state, (), {k: v for k, v in b.items()
-                                                      if k != "labels"}).logits  # fmt: skip
-
-        C = dense_ggn(model, space, train, outputs, lambda z, b: F.cross_entropy(z, b["labels"]))
+        C = dense_ggn(model, space, train, lambda state, b: _logits(model, state, b),
+                      lambda z, b: F.cross_entropy(z, b["labels"]))  # fmt: skip
         damping = 0.05
-    g_val = torch.func.grad(mean_loss_fn(model, space, val, None))(theta).detach()
+    g_val = torch.func.grad(mean_ce(model, space, val))(theta).detach()
     want = -theta * torch.linalg.solve(C + damping * torch.eye(space.numel).double(), g_val)
-    got = mftx.score(model, train, val, method="influence", params=space, solver="explicit",
-                     curvature=curvature, damping=damping, progress=False)  # fmt: skip
-    assert rel(space.flatten([got.scores[n] for n in space.names]), want) < 1e-8
-    # CG on the same (positive definite) system agrees.
-    cg = mftx.score(model, train, val, method="influence", params=space, curvature=curvature,
-                    damping=damping, tol=1e-12, max_iter=1000, progress=False)  # fmt: skip
-    assert rel(space.flatten([cg.scores[n] for n in space.names]), want) < 1e-6
+    got = mftx.score(model, train, val, method="influence", params=space, curvature=curvature,
+                     damping=damping, tol=1e-12, max_iter=300, progress=False)  # fmt: skip
+    assert got.stats["solver"]["converged"]
+    assert rel(space.flatten([got.scores[n] for n in space.names]), want) < LOOSE.get(family, 1e-8)
 
 
 def test_gradient_rule_on_the_default_space(problem):
     family, model, train, _ = problem
     space = mftx.select_params(model)
     theta = space.flatten(space.detached())
-    g = torch.func.grad(mean_loss_fn(model, space, train, None))(theta).detach()
+    g = torch.func.grad(mean_ce(model, space, train))(theta).detach()
     lr = 0.05
     got = mftx.score(model, train, None, method="gradient", lr=lr, progress=False)
     assert list(got.names) == list(space.names)
     want = theta.abs() - (theta - lr * g).abs()
-    assert rel(space.flatten([got.scores[n] for n in space.names]), want) < 1e-10
+    assert rel(space.flatten([got.scores[n] for n in space.names]), want) < LOOSE.get(family, 1e-10)
 
 
 # ---------------------------------------------------------------- masking and evaluation
