@@ -41,7 +41,7 @@ from .errors import NonFiniteError
 from .objective import Objective, batch_size
 from .params import ParamSpace
 
-__all__ = ["CURVATURES", "MODES", "Curvature", "resolve_batch_size"]
+__all__ = ["CURVATURES", "MODES", "Curvature", "batch_weights", "resolve_batch_size"]
 
 log = logging.getLogger("mftx")
 
@@ -173,7 +173,10 @@ def resolve_batch_size(
     return own if callable(own) else batch_size
 
 
-def _weights(size: Callable[[Any], float], batches: Sequence[Any], what: str) -> List[float]:
+def batch_weights(
+    size: Callable[[Any], float], batches: Sequence[Any], what: str = ""
+) -> List[float]:
+    """`size` of every batch, checked: a finite number >= 0 (errors name `what` batch i)."""
     out = []
     for i, b in enumerate(batches):
         w = size(b)
@@ -181,7 +184,8 @@ def _weights(size: Callable[[Any], float], batches: Sequence[Any], what: str) ->
             w = w.item()
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not (0 <= w < math.inf):
             raise ValueError(
-                f"the batch size of {what} batch {i} is {w!r}: batch_size_fn must return a "
+                f"the batch size of {what + ' ' if what else ''}batch {i} is {w!r}: batch_size_fn "
+                "must return a "
                 "finite number >= 0 (the batch's weight in the dataset mean)"
             )
         out.append(float(w))
@@ -240,7 +244,7 @@ class Curvature:
         self.space = space
         self.batches = list(batches)
         self._size = resolve_batch_size(loss_fn, batch_size_fn)
-        self.weights = _weights(self._size, self.batches, "curvature")
+        self.weights = batch_weights(self._size, self.batches)
         if num_examples is not None and not (0 < num_examples < math.inf):
             raise ValueError(f"num_examples must be a positive number, got {num_examples!r}")
         self.num_examples = num_examples
@@ -286,7 +290,7 @@ class Curvature:
         views = self.space.unflatten(total)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.space.device)
         n_all = 0.0
-        sizes = _weights(self._size, batches, what)  # before the loop: no syncs inside it
+        sizes = batch_weights(self._size, batches)  # before the loop: no syncs inside it
         for i, b in enumerate(batches):
             n = sizes[i]
             g, loss = self._grad(params, b)

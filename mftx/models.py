@@ -27,10 +27,10 @@ __all__ = [
     "load_classifier",
     "make_tiny_bert",
     "make_tiny_classifier",
-    "tiny_config",
     "read_metadata",
     "resolve_model",
     "save_classifier",
+    "tiny_config",
 ]
 
 logger = logging.getLogger(__name__)

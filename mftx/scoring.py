@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import ops, solvers
-from .hvp import CURVATURES, MODES, Curvature, resolve_batch_size
+from .hvp import CURVATURES, MODES, Curvature, batch_weights, resolve_batch_size
 from .objective import check_batches, default_loss
 from .params import ParamSpace, select_params
 from .scores import METHODS, Scores
@@ -261,6 +261,9 @@ def score_with_config(
     loss_fn = loss_fn if loss_fn is not None else default_loss(model)
     check_batches(loss_fn, train_b, "train")
     check_batches(loss_fn, val_b, "val")
+    size = resolve_batch_size(loss_fn, cfg.batch_size_fn)
+    batch_weights(size, train_b, "train")  # bad weights fail here, before any work
+    batch_weights(size, val_b, "val")
     if (cfg.method == "influence" and cfg.solver == "explicit") or (
         cfg.method == "obd" and cfg.probes == 0
     ):
@@ -337,7 +340,7 @@ def _influence(model, space, train, val, loss_fn, cfg):
     idx = solvers.sample_indices(len(train), cfg.hvp_batches, cfg.seed)
     share = 1.0
     if len(idx) < len(train) and (cfg.num_examples or {}).get("train") is not None:
-        w = [resolve_batch_size(loss_fn, cfg.batch_size_fn)(b) for b in train]
+        w = batch_weights(resolve_batch_size(loss_fn, cfg.batch_size_fn), train)
         share = sum(w[i] for i in idx) / sum(w)
     op = _curvature(model, space, [train[i] for i in idx], loss_fn, cfg, "train", share)
     try:
