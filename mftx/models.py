@@ -24,6 +24,7 @@ import torch
 __all__ = [
     "DEFAULT_MODEL",
     "METADATA_FILE",
+    "TINY_FAMILIES",
     "load_classifier",
     "make_tiny_bert",
     "make_tiny_classifier",
