@@ -3,10 +3,11 @@
 Randomly initialised BERT classifiers of the shapes of all-MiniLM-L6-v2, BERT-base
 and BERT-large (eager attention, float32, the default parameter selection), one
 batch of 8 × 64 tokens. Each workload runs in its own subprocess, so peaks do not
-mix: seconds (median of up to 5 runs after a warm-up, fewer when a run is long),
-the ratio to one gradient of the same size, peak resident memory (CPU: VmHWM
-after resetting it once the model is built; CUDA: peak allocated) and the part
-of it above the model and batch.
+mix: seconds (median of up to 5 runs after a warm-up; a run longer than
+``--budget`` is timed once), the ratio to one gradient timed in the same process
+just before (so that both see the same machine load), peak resident memory
+(CPU: VmHWM, reset once the model, batch and inputs are built; CUDA: peak
+allocated) and the part of it above them ("extra").
 
     python benchmarks/bench_scale.py                      # three sizes, CPU, 2 threads
     python benchmarks/bench_scale.py --sizes minilm,bert-base --json scale.json
@@ -304,8 +305,17 @@ def _reset_peak() -> Optional[int]:
         return None
 
 
+def _timed(fn: Callable[[], Any], sync: Callable[[], None]) -> float:
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
+
+
 def measure(size: str, name: str, args: argparse.Namespace) -> Dict[str, Any]:
-    """Build the setting, run the workload (warm-up, then timed runs); seconds and peaks."""
+    """Build the setting; time one gradient (the reference, in this process and under the
+    same load), then the workload (warm-up, then timed runs); seconds, ratio and peaks."""
     import torch
 
     torch.set_num_threads(args.threads)
@@ -321,6 +331,7 @@ def measure(size: str, name: str, args: argparse.Namespace) -> Dict[str, Any]:
             fn = prepare(s)
         except Unavailable as why:
             return {**row, "available": False, "why": str(why)}
+        gradient = _timed(_gradient(s), sync)
         if cuda:
             sync()
             torch.cuda.reset_peak_memory_stats(s.device)
@@ -330,24 +341,20 @@ def measure(size: str, name: str, args: argparse.Namespace) -> Dict[str, Any]:
         times: List[float] = []
         deadline = time.perf_counter() + args.budget
         for i in range(1 + args.max_repeats):
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            dt = time.perf_counter() - t0
+            dt = _timed(fn, sync)
             # A long first run counts (no time to repeat it), unless it only warms up.
             if i > 0 or (dt > args.budget and not getattr(fn, "warm_up", False)):
                 times.append(dt)
             if times and time.perf_counter() + dt > deadline:
                 break
-    per = getattr(fn, "per", 1)
+    seconds = statistics.median(times) / getattr(fn, "per", 1)
     if cuda:
         peak = torch.cuda.max_memory_allocated(s.device)
     else:
         peak = _rss_status().get("VmHWM") if base is not None else None
     return {
-        **row, "available": True, "seconds": statistics.median(times) / per,
-        "runs": len(times), "peak_bytes": peak, "base_bytes": base,
+        **row, "available": True, "seconds": seconds, "gradient_seconds": gradient,
+        "ratio": seconds / gradient, "runs": len(times), "peak_bytes": peak, "base_bytes": base,
         "extra_bytes": None if peak is None or base is None else peak - base,
         "device": str(s.device), "precision": args.precision, "threads": args.threads,
         **getattr(fn, "extra", {}),
@@ -356,13 +363,25 @@ def measure(size: str, name: str, args: argparse.Namespace) -> Dict[str, Any]:
 
 # ---------------------------------------------------------------- the parent: one child each
 
+#: (flag, type, default, help) of the options children inherit.
+OPTIONS = [
+    ("--device", str, "cpu", "cpu, cuda, cuda:1, ..."),
+    ("--precision", str, "fp32", f"one of {', '.join(PRECISIONS)}"),
+    ("--threads", int, 2, "torch threads (CPU)"),
+    ("--batch", int, 8, "rows per batch"),
+    ("--length", int, 64, "tokens per row"),
+    ("--budget", float, 10.0, "seconds of timed runs per workload (a longer run is timed once)"),
+    ("--max-repeats", int, 5, "timed runs at most, after the warm-up"),
+    ("--cg-iters", int, 2, "CG iterations timed per run"),
+    ("--lanczos-vectors", int, 4, "stored vectors each Lanczos step reorthogonalises against"),
+]
+
 
 def _child_args(args: argparse.Namespace) -> List[str]:
-    return ["--device", args.device, "--precision", args.precision, "--threads",
-            str(args.threads), "--batch", str(args.batch), "--length", str(args.length),
-            "--budget", str(args.budget), "--max-repeats", str(args.max_repeats),
-            "--cg-iters", str(args.cg_iters),
-            "--lanczos-vectors", str(args.lanczos_vectors)]  # fmt: skip
+    out = []
+    for flag, _, _, _ in OPTIONS:
+        out += [flag, str(getattr(args, flag[2:].replace("-", "_")))]
+    return out
 
 
 def run_one(size: str, name: str, args: argparse.Namespace) -> Dict[str, Any]:
@@ -372,9 +391,14 @@ def run_one(size: str, name: str, args: argparse.Namespace) -> Dict[str, Any]:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", size, name, *_child_args(args)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        if proc.returncode < 0:
+            why = f"killed by signal {-proc.returncode}"
+            why += " (out of memory?)" if proc.returncode == -9 else ""
+        else:
+            tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+            why = f"failed (exit {proc.returncode}): {tail}"
         return {"size": size, "workload": name, "label": WORKLOADS[name][0],
-                "available": False, "why": f"failed (exit {proc.returncode}): {tail}"}  # fmt: skip
+                "available": False, "why": why}  # fmt: skip
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -383,7 +407,8 @@ def _gib(b: Optional[int]) -> str:
 
 
 def format_table(rows: List[Dict[str, Any]], sizes: List[str]) -> str:
-    """Side by side: per workload and size, seconds, × gradient and peak / extra GiB."""
+    """Side by side: per workload and size, seconds, × the gradient timed in the same process
+    just before, and peak / extra GiB (extra: above the model, batch and inputs)."""
     by = {(r["size"], r["workload"]): r for r in rows}
     head = ["workload"] + [f"{sz}: s (× gradient), peak / extra GiB" for sz in sizes]
     lines = ["| " + " | ".join(head) + " |", "| :-- |" + " --: |" * len(sizes)]
@@ -400,10 +425,7 @@ def format_table(rows: List[Dict[str, Any]], sizes: List[str]) -> str:
             elif name == "precision-error":
                 cells.append(f"{r['relative_difference']:.1e}")
             else:
-                g = by.get((sz, "gradient"))
-                ratio = (f" ({r['seconds'] / g['seconds']:.2f}×)"
-                         if g and g.get("available") else "")  # fmt: skip
-                cells.append(f"{_fmt_s(r['seconds'])}{ratio}, "
+                cells.append(f"{_fmt_s(r['seconds'])} ({r['ratio']:.2f}×), "
                              f"{_gib(r['peak_bytes'])} / {_gib(r['extra_bytes'])}")  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -423,25 +445,8 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
         default=",".join(WORKLOADS),
         help=f"comma-separated, of {', '.join(WORKLOADS)}",
     )
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--precision", default="fp32", choices=PRECISIONS)
-    p.add_argument("--threads", type=int, default=2, help="torch threads (CPU)")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--length", type=int, default=64, help="tokens per row")
-    p.add_argument(
-        "--budget",
-        type=float,
-        default=10.0,
-        help="seconds of timed runs per workload (a longer run is timed once)",
-    )
-    p.add_argument("--max-repeats", type=int, default=5)
-    p.add_argument("--cg-iters", type=int, default=2, help="CG iterations timed per run")
-    p.add_argument(
-        "--lanczos-vectors",
-        type=int,
-        default=4,
-        help="stored vectors each Lanczos step reorthogonalises against",
-    )
+    for flag, kind, default, text in OPTIONS:
+        p.add_argument(flag, type=kind, default=default, help=text)
     p.add_argument("--json", help="also write the rows to this file")
     p.add_argument(
         "--inline", action="store_true", help="run in this process (quick checks; peaks then mix)"
@@ -455,6 +460,8 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
         bad = [n for n in names if n not in known]
         if bad:
             p.error(f"unknown {kind}(s) {bad}; one of {list(known)}")
+    if args.precision not in PRECISIONS:
+        p.error(f"--precision must be one of {PRECISIONS}")
     if args.lanczos_vectors < 1 or args.cg_iters < 1 or args.max_repeats < 1:
         p.error("--lanczos-vectors, --cg-iters and --max-repeats must be >= 1")
     return args

@@ -214,9 +214,10 @@ def score(
     """Score every analysed parameter of `model` with `method`.
 
     `train` and `val` are iterables of batches (dicts of tensors; the default
-    loss is the Hugging Face classification loss, so batches carry ``labels``).
-    `params` defaults to `select_params(model)` (no classifier, pooler,
-    LayerNorm or embeddings). Further options are the fields of `ScoreConfig`
+    loss is the Hugging Face classification loss, so batches carry ``labels``):
+    lists, generators or DataLoaders, read once; tensors go to the model's device.
+    `params` defaults to `select_params(model)` (the attention and MLP blocks:
+    no embeddings, normalisation layers, pooler or head). Further options are the fields of `ScoreConfig`
     (``hvp_mode``, ``hvp_batches``, ``fixed_iterations``, ``lissa_*``, ``probes``,
     ``seed``, ``progress`` ...). The model is scored in eval mode and left in
     the mode it was in. Returns `Scores` with the config and solver statistics.
