@@ -12,7 +12,7 @@ export MFTX_DATA
 
 .PHONY: venv demo test bench selfcheck lint wheel clean
 
-$(BIN)/.installed: pyproject.toml CMakeLists.txt csrc/mftx_ops.cpp
+$(BIN)/.installed: pyproject.toml CMakeLists.txt csrc/mftx_ops.cpp mftx/_version.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_PIN)"

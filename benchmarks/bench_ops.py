@@ -14,10 +14,17 @@ analysed weights: 12 layers x (4 x 768x768, 3072x768, 768x3072) = 72 tensors,
 
 `test_topk_memory_85m` measures the peak extra resident memory of one topk over
 the 85M scores in a fresh subprocess per case (``python bench_ops.py --memory``).
+
+Two builds of the kernels, side by side over the same 85M inputs (calls of the raw
+modules, alternating, the fastest of ROUNDS: on a shared machine the noise only adds; the mftx._C of this checkout against another
+build's ``_C*.so``, e.g. one copied out of site-packages before a change):
+
+    python benchmarks/bench_ops.py --compare-build OTHER/_C.cpython-311-x86_64-linux-gnu.so [ROUNDS]
 """
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 import os
@@ -266,10 +273,86 @@ def test_topk_memory_85m(benchmark, impl, k):
         assert res["peak_extra_mib"] < min(bound, res["data_mib"] / 2), res
 
 
+# ------------------------------------------------------------------ two builds
+
+
+def load_build(path: str):
+    """Another build of mftx._C, loaded beside this one (not registered as mftx._C)."""
+    spec = importlib.util.spec_from_file_location("mftx_other_build._C", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def build_cases():
+    """name -> f(module, threads): raw kernel calls over the 85M layout."""
+    n = BERT_BASE_NUMEL
+    xs = [t.view(-1).numpy() for t in scores(n)]
+    params = [t.view(-1).numpy() for t in scores(n, seed=1, scale=0.05)]
+    grads = [t.view(-1).numpy() for t in scores(n, seed=2, scale=1e-3)]
+    out = {f"topk k={k:,}": (lambda m, nt, k=k: m.topk(xs, k, True, nt)) for k in KS}
+    for k in KS:
+        thr = float(torch.special.ndtri(torch.tensor(k / n, dtype=torch.float64)))
+        out[f"select ~{k:,}"] = lambda m, nt, thr=thr: m.select(xs, thr, True, nt)
+    out["toward_zero"] = lambda m, nt: m.toward_zero(params, grads, 1.0, nt)
+    for m_ in MASK_SIZES:
+        c = mask_candidates()[:m_]
+        ti, fi = c.tensor_index.numpy(), c.flat_index.numpy()
+
+        def mask_restore(m, nt, ti=ti, fi=fi):
+            t0 = time.perf_counter()
+            saved = m.mask(params, ti, fi, nt)
+            t1 = time.perf_counter()
+            m.restore(params, ti, fi, saved, nt)
+            return t1 - t0, time.perf_counter() - t1
+
+        out[f"mask_/restore_ m={m_:,}"] = mask_restore
+    return out
+
+
+def compare_builds(other_path: str, rounds: int = 5) -> str:
+    """Markdown table: fastest times of this build and another, alternating per round."""
+    from mftx.ops import _compiled
+
+    builds = {"this build": _compiled._C, "other build": load_build(other_path)}
+    nt = ops.get_num_threads()
+    lines = [
+        f"threads {nt}, fastest of {rounds} rounds, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}",
+        "",
+        "| case | other build | this build | other / this |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, fn in build_cases().items():
+        paired = name.startswith("mask_/restore_")
+        times = {b: [] for b in builds}
+        for m in builds.values():
+            fn(m, nt)  # warm-up
+        for r in range(rounds):
+            order = list(builds) if r % 2 == 0 else list(builds)[::-1]
+            for b in order:
+                t0 = time.perf_counter()
+                out = fn(builds[b], nt)  # mask_/restore_ time their two halves
+                times[b].append(out if paired else (time.perf_counter() - t0,))
+        for i, what in enumerate(["mask_", "restore_"] if paired else [""]):
+            med = {b: min(t[i] for t in times[b]) for b in builds}
+            label = name.replace("mask_/restore_", what) if what else name
+            lines.append(
+                f"| {label} | {med['other build'] * 1e3:.1f} ms | {med['this build'] * 1e3:.1f} ms "
+                f"| {med['other build'] / med['this build']:.2f}× |"
+            )
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--memory":
         if os.environ.get("MFTX_BENCH_THREADS"):
             ops.set_num_threads(int(os.environ["MFTX_BENCH_THREADS"]))
         print(json.dumps(measure_memory(sys.argv[2], int(sys.argv[3]))))
+    elif len(sys.argv) in (3, 4) and sys.argv[1] == "--compare-build":
+        print(compare_builds(sys.argv[2], int(sys.argv[3]) if len(sys.argv) == 4 else 5))
     else:
-        sys.exit(f"usage: {sys.argv[0]} --memory compiled|reference K  (benchmarks: see docstring)")
+        sys.exit(
+            f"usage: {sys.argv[0]} --memory compiled|reference K | --compare-build OTHER_C.so "
+            "[ROUNDS]  (benchmarks: see docstring)"
+        )

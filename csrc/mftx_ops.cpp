@@ -3,9 +3,12 @@
 // The module never links libtorch. Python hands over CPU tensors as NumPy views
 // (`t.detach().view(-1).numpy()`), so the wheel works with any torch version.
 // Every op checks its buffers while holding the GIL, then releases it for the
-// scan. Results are bit-for-bit the same as the pure-PyTorch twins in
-// mftx/ops/reference.py: order is (value, then global index ascending), where the
-// global index runs over the tensors in list order, then row-major within each.
+// scan. Parallel work is cut into pieces fixed before any OpenMP region starts
+// (see Pieces); OpenMP may run a region with fewer threads than asked for, and
+// nothing depends on how many it does. Results are bit-for-bit the same as the
+// pure-PyTorch twins in mftx/ops/reference.py: order is (value, then global index
+// ascending), where the global index runs over the tensors in list order, then
+// row-major within each.
 
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -17,6 +20,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <stdexcept>
 #include <string>
 #include <utility>
 #include <vector>
@@ -26,6 +30,13 @@
 #endif
 
 namespace py = pybind11;
+
+#ifndef MFTX_VERSION  // built outside CMakeLists.txt: never taken for a current build
+#define MFTX_VERSION "unknown"
+#endif
+#ifndef MFTX_SOURCE_SHA256
+#define MFTX_SOURCE_SHA256 "unknown"
+#endif
 
 namespace {
 
@@ -109,6 +120,7 @@ Buffers collect(const py::sequence& seq, const char* what, bool writable) {
   return b;
 }
 
+// How many threads to ask OpenMP for: one per kGrain elements, at most `requested`.
 int threads_for(int64_t n, int requested) {
 #ifdef _OPENMP
   if (n <= kGrain || requested <= 1) return 1;
@@ -120,13 +132,28 @@ int threads_for(int64_t n, int requested) {
 #endif
 }
 
-int current_thread() {
-#ifdef _OPENMP
-  return omp_get_thread_num();
-#else
-  return 0;
-#endif
-}
+// The range [0, n) cut into `count` contiguous pieces, one per requested thread.
+// The pieces, and every buffer indexed by piece, are fixed before a region starts;
+// an `omp for` hands them to whatever team OpenMP runs: fewer threads than asked
+// for (OMP_THREAD_LIMIT, OMP_DYNAMIC, nested regions) get several pieces each, in
+// every region alike, so results never depend on the team. Region bodies are
+// noexcept: nothing may throw inside a parallel region (all allocation happens
+// before it).
+struct Pieces {
+  int64_t n;
+  int count;
+  Pieces(int64_t n_, int requested) : n(n_), count(threads_for(n_, requested)) {}
+  int64_t lo(int c) const { return n * c / count; }
+  int64_t hi(int c) const { return n * (c + 1) / count; }
+
+  template <class Fn>
+  void run(Fn&& fn) const {
+    static_assert(noexcept(fn(0)), "parallel region bodies must be noexcept");
+    const int m = count;
+#pragma omp parallel for num_threads(m) schedule(static, 1) if (m > 1)
+    for (int c = 0; c < m; ++c) fn(c);
+  }
+};
 
 // Calls fn(tensor, local_begin, local_end, global_begin) for the pieces of the
 // global range [lo, hi).
@@ -174,36 +201,32 @@ void sort_ranked(Entries& v, bool index_sorted, int nthreads) {
   Entries tmp(static_cast<size_t>(n));
   Entry* src = v.data();
   Entry* dst = tmp.data();
-  const int nt = threads_for(n, nthreads);
-  std::vector<std::array<int64_t, 256>> hist(static_cast<size_t>(nt));
+  const Pieces pieces(n, nthreads);
+  std::vector<std::array<int64_t, 256>> hist(static_cast<size_t>(pieces.count));
 
   auto pass = [&](auto digit) {
-#pragma omp parallel num_threads(nt) if (nt > 1)
-    {
-      const int tid = current_thread();
-      auto& h = hist[static_cast<size_t>(tid)];
+    pieces.run([&](int c) noexcept {
+      auto& h = hist[static_cast<size_t>(c)];
       h.fill(0);
-      const int64_t hi = n * (tid + 1) / nt;
-      for (int64_t i = n * tid / nt; i < hi; ++i) ++h[digit(src[i])];
-    }
+      for (int64_t i = pieces.lo(c), hi = pieces.hi(c); i < hi; ++i) ++h[digit(src[i])];
+    });
     int64_t start = 0;
     for (int d = 0; d < 256; ++d) {
       int64_t count = 0;
-      for (int t = 0; t < nt; ++t) count += hist[static_cast<size_t>(t)][d];
+      for (const auto& h : hist) count += h[d];
       if (count == n) return;  // one digit for all: nothing moves
-      for (int t = 0; t < nt; ++t) {  // thread t's entries after thread t-1's: stable
-        const int64_t c = hist[static_cast<size_t>(t)][d];
-        hist[static_cast<size_t>(t)][d] = start;
+      for (auto& h : hist) {  // piece c's entries after piece c-1's: stable
+        const int64_t c = h[d];
+        h[d] = start;
         start += c;
       }
     }
-#pragma omp parallel num_threads(nt) if (nt > 1)
-    {
-      const int tid = current_thread();
-      auto& h = hist[static_cast<size_t>(tid)];
-      const int64_t hi = n * (tid + 1) / nt;
-      for (int64_t i = n * tid / nt; i < hi; ++i) dst[h[digit(src[i])]++] = src[i];
-    }
+    pieces.run([&](int c) noexcept {
+      auto& h = hist[static_cast<size_t>(c)];
+      for (int64_t i = pieces.lo(c), hi = pieces.hi(c); i < hi; ++i) {
+        dst[h[digit(src[i])]++] = src[i];
+      }
+    });
     std::swap(src, dst);
   };
 
@@ -211,20 +234,30 @@ void sort_ranked(Entries& v, bool index_sorted, int nthreads) {
     int64_t max_g = 0;
     for (const Entry& e : v) max_g = std::max(max_g, e.g);
     for (int shift = 0; shift < 64 && (max_g >> shift) != 0; shift += 8) {
-      pass([shift](const Entry& e) { return static_cast<size_t>((e.g >> shift) & 0xff); });
+      pass([shift](const Entry& e) noexcept { return static_cast<size_t>((e.g >> shift) & 0xff); });
     }
   }
   for (int shift = 0; shift < 32; shift += 8) {
-    pass([shift](const Entry& e) {
+    pass([shift](const Entry& e) noexcept {
       return static_cast<size_t>((rank_key<Largest>(e.v) >> shift) & 0xffu);
     });
   }
   if (src != v.data()) v.swap(tmp);
 }
 
+// A scan's outcome besides its entries: kNone (fine), the global index of the
+// first NaN, or kChanged (the buffers changed between two passes over them).
 constexpr int64_t kNone = std::numeric_limits<int64_t>::max();
+constexpr int64_t kChanged = -1;
+
+[[noreturn]] void raise_changed() {
+  throw std::runtime_error(
+      "the tensors changed while the op read them (another thread wrote to them); "
+      "nothing was returned");
+}
 
 [[noreturn]] void raise_nan(const Buffers& b, int64_t g, const std::string& what) {
+  if (g == kChanged) raise_changed();
   const size_t t = static_cast<size_t>(
       std::upper_bound(b.offsets.begin(), b.offsets.end(), g) - b.offsets.begin() - 1);
   throw py::value_error("NaN in " + what + ": tensor index " + std::to_string(t) +
@@ -259,60 +292,74 @@ py::tuple to_candidates(const Buffers& b, Entries&& entries, int nthreads) {
 template <bool Largest>
 Entries topk_impl(const Buffers& b, int64_t k, int nthreads, int64_t& nan_at) {
   const int64_t n = b.total();
-  const int nt = threads_for(n, nthreads);
-  std::vector<Entries> bufs(static_cast<size_t>(nt));
-  std::vector<int64_t> nan_first(static_cast<size_t>(nt), kNone);
-  const Better<Largest> better;
+  const Pieces pieces(n, nthreads);
+  const size_t np = static_cast<size_t>(pieces.count);
+  // Each piece keeps at most `cap` entries (the k best plus a batch of newcomers),
+  // and never more than it has: its buffer is allocated (not touched) up front.
   const int64_t cap = k + std::max<int64_t>(k, 4096);
+  std::vector<Entries> bufs(np);
+  for (int c = 0; c < pieces.count; ++c) {
+    bufs[static_cast<size_t>(c)].resize(
+        static_cast<size_t>(std::min(cap, pieces.hi(c) - pieces.lo(c))));
+  }
+  std::vector<int64_t> kept(np, 0);
+  std::vector<int64_t> nan_first(np, kNone);
+  const Better<Largest> better;
 
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
-    const int tid = current_thread();
-    const int64_t lo = n * tid / nt;
-    const int64_t hi = n * (tid + 1) / nt;
-    Entries& buf = bufs[static_cast<size_t>(tid)];
-    int64_t& nan_pos = nan_first[static_cast<size_t>(tid)];
+  pieces.run([&](int c) noexcept {
+    Entry* buf = bufs[static_cast<size_t>(c)].data();
+    int64_t m = 0;
+    int64_t& nan_pos = nan_first[static_cast<size_t>(c)];
     bool full = false;
     float tau = 0.0f;
-    auto compact = [&]() {
-      std::nth_element(buf.begin(), buf.begin() + (k - 1), buf.end(), better);
-      buf.resize(static_cast<size_t>(k));
-      tau = buf[static_cast<size_t>(k - 1)].v;  // the worst of the k kept
+    auto compact = [&]() noexcept {
+      std::nth_element(buf, buf + (k - 1), buf + m, better);
+      m = k;
+      tau = buf[k - 1].v;  // the worst of the k kept
       full = true;
     };
-    for_segments(b, lo, hi, [&](size_t t, int64_t s, int64_t e, int64_t g0) {
+    // "Maybe": better than tau, or NaN; one comparison either way.
+    auto maybe = [](float v, float th) noexcept { return Largest ? !(v <= th) : !(v >= th); };
+    for_segments(b, pieces.lo(c), pieces.hi(c), [&](size_t t, int64_t s, int64_t e, int64_t g0) {
       const float* x = b.data[t];
-      for (int64_t i = s; i < e; ++i) {
-        const float v = x[i];
-        // One comparison on the hot path: false for "not better than tau",
-        // true for a candidate or a NaN.
-        const bool maybe = !full || (Largest ? !(v <= tau) : !(v >= tau));
-        if (maybe) {
+      constexpr int64_t kBlock = 64;
+      for (int64_t i = s; i < e; i += kBlock) {
+        const int64_t end = std::min(e, i + kBlock);
+        if (full) {  // the hot path: most blocks hold nothing better than tau
+          const float th = tau;
+          unsigned any = 0;
+          for (int64_t j = i; j < end; ++j) any |= static_cast<unsigned>(maybe(x[j], th));
+          if (!any) continue;
+        }
+        for (int64_t j = i; j < end; ++j) {
+          const float v = x[j];
+          if (full && !maybe(v, tau)) continue;
           if (v != v) {
-            nan_pos = g0 + (i - s);
+            nan_pos = g0 + (j - s);
             return false;
           }
-          buf.push_back(Entry{v, static_cast<int32_t>(t), g0 + (i - s)});
-          if (static_cast<int64_t>(buf.size()) >= cap) compact();
+          buf[m++] = Entry{v, static_cast<int32_t>(t), g0 + (j - s)};
+          if (m >= cap) compact();
         }
       }
       return true;
     });
-    if (nan_pos == kNone && static_cast<int64_t>(buf.size()) > k) compact();
-  }
+    if (nan_pos == kNone && m > k) compact();
+    kept[static_cast<size_t>(c)] = m;
+  });
   for (int64_t p : nan_first) {
     if (p != kNone) {
       nan_at = p;
       return {};
     }
   }
-  size_t total = 0;
-  for (auto& v : bufs) total += v.size();
+  int64_t total = 0;
+  for (int64_t m : kept) total += m;
   Entries all;
-  all.reserve(total);
-  for (auto& v : bufs) {
-    all.insert(all.end(), v.begin(), v.end());
-    Entries().swap(v);
+  all.reserve(static_cast<size_t>(total));
+  for (size_t c = 0; c < np; ++c) {
+    all.insert(all.end(), bufs[c].begin(), bufs[c].begin() + kept[c]);
+    Entries().swap(bufs[c]);
   }
   if (static_cast<int64_t>(all.size()) > k) {
     std::nth_element(all.begin(), all.begin() + (k - 1), all.end(), better);
@@ -323,24 +370,20 @@ Entries topk_impl(const Buffers& b, int64_t k, int nthreads, int64_t& nan_at) {
 }
 
 int64_t first_nan(const Buffers& b, int nthreads) {
-  const int64_t n = b.total();
-  const int nt = threads_for(n, nthreads);
-  std::vector<int64_t> firsts(static_cast<size_t>(nt), kNone);
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
-    const int tid = current_thread();
-    for_segments(b, n * tid / nt, n * (tid + 1) / nt,
-                 [&](size_t t, int64_t s, int64_t e, int64_t g0) {
-                   const float* x = b.data[t];
-                   for (int64_t i = s; i < e; ++i) {
-                     if (x[i] != x[i]) {
-                       firsts[static_cast<size_t>(tid)] = g0 + (i - s);
-                       return false;
-                     }
-                   }
-                   return true;
-                 });
-  }
+  const Pieces pieces(b.total(), nthreads);
+  std::vector<int64_t> firsts(static_cast<size_t>(pieces.count), kNone);
+  pieces.run([&](int c) noexcept {
+    for_segments(b, pieces.lo(c), pieces.hi(c), [&](size_t t, int64_t s, int64_t e, int64_t g0) {
+      const float* x = b.data[t];
+      for (int64_t i = s; i < e; ++i) {
+        if (x[i] != x[i]) {
+          firsts[static_cast<size_t>(c)] = g0 + (i - s);
+          return false;
+        }
+      }
+      return true;
+    });
+  });
   return *std::min_element(firsts.begin(), firsts.end());
 }
 
@@ -396,78 +439,83 @@ struct TowardZeroRule {
 template <class Rule>
 Entries gather(const Buffers& b, const Rule& rule, int nthreads, int64_t& nan_at,
                int64_t limit = -1, int64_t* count = nullptr) {
-  const int64_t n = b.total();
-  const int nt = threads_for(n, nthreads);
-  std::vector<int64_t> offset(static_cast<size_t>(nt) + 1, 0);
-  std::vector<int64_t> nan_first(static_cast<size_t>(nt), kNone);
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
-    const int tid = current_thread();
-    int64_t count = 0;
-    for_segments(b, n * tid / nt, n * (tid + 1) / nt,
-                 [&](size_t t, int64_t s, int64_t e, int64_t g0) {
-                   const auto acc = rule.tensor(t);
-                   int64_t c = 0;
-                   unsigned bad = 0;
-                   float value;
-                   for (int64_t i = s; i < e; ++i) {  // branch-free, so it can vectorise
-                     bad |= static_cast<unsigned>(acc.nan(i));
-                     c += static_cast<int64_t>(acc.keep(i, value));
-                   }
-                   if (bad) {
-                     for (int64_t i = s; i < e; ++i) {
-                       if (acc.nan(i)) {
-                         nan_first[static_cast<size_t>(tid)] = g0 + (i - s);
-                         return false;
-                       }
-                     }
-                   }
-                   count += c;
-                   return true;
-                 });
-    offset[static_cast<size_t>(tid) + 1] = count;
-  }
+  const Pieces pieces(b.total(), nthreads);
+  const size_t np = static_cast<size_t>(pieces.count);
+  std::vector<int64_t> offset(np + 1, 0);
+  std::vector<int64_t> nan_first(np, kNone);
+  pieces.run([&](int c) noexcept {
+    int64_t kept = 0;
+    for_segments(b, pieces.lo(c), pieces.hi(c), [&](size_t t, int64_t s, int64_t e, int64_t g0) {
+      const auto acc = rule.tensor(t);
+      int64_t m = 0;
+      unsigned bad = 0;
+      float value;
+      for (int64_t i = s; i < e; ++i) {  // branch-free, so it can vectorise
+        bad |= static_cast<unsigned>(acc.nan(i));
+        m += static_cast<int64_t>(acc.keep(i, value));
+      }
+      if (bad) {
+        for (int64_t i = s; i < e; ++i) {
+          if (acc.nan(i)) {
+            nan_first[static_cast<size_t>(c)] = g0 + (i - s);
+            return false;
+          }
+        }
+      }
+      kept += m;
+      return true;
+    });
+    offset[static_cast<size_t>(c) + 1] = kept;
+  });
   for (int64_t p : nan_first) {
     if (p != kNone) {
       nan_at = p;
       return {};
     }
   }
-  for (int i = 0; i < nt; ++i) offset[static_cast<size_t>(i) + 1] += offset[static_cast<size_t>(i)];
-  if (count != nullptr) *count = offset[static_cast<size_t>(nt)];
-  if (limit >= 0 && offset[static_cast<size_t>(nt)] > limit) return {};
-  Entries out(static_cast<size_t>(offset[static_cast<size_t>(nt)]));
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
-    const int tid = current_thread();
-    Entry* o = out.data() + offset[static_cast<size_t>(tid)];
-    for_segments(b, n * tid / nt, n * (tid + 1) / nt,
-                 [&](size_t t, int64_t s, int64_t e, int64_t g0) {
-                   const auto acc = rule.tensor(t);
-                   const int32_t t32 = static_cast<int32_t>(t);
-                   constexpr int64_t kBlock = 64;
-                   Entry stage[kBlock];
-                   float value;
-                   for (int64_t i = s; i < e; i += kBlock) {
-                     const int64_t end = std::min(e, i + kBlock);
-                     // Skip blocks without a kept entry (sparse selections).
-                     unsigned any = 0;
-                     for (int64_t j = i; j < end; ++j) {
-                       any |= static_cast<unsigned>(acc.keep(j, value));
-                     }
-                     if (!any) continue;
-                     int64_t m = 0;  // stage the block without branches, then copy it out
-                     for (int64_t j = i; j < end; ++j) {
-                       const bool k = acc.keep(j, value);
-                       stage[m] = Entry{value, t32, g0 + (j - s)};
-                       m += static_cast<int64_t>(k);
-                     }
-                     std::memcpy(static_cast<void*>(o), stage,
-                                 static_cast<size_t>(m) * sizeof(Entry));
-                     o += m;
-                   }
-                   return true;
-                 });
+  for (size_t c = 0; c < np; ++c) offset[c + 1] += offset[c];
+  if (count != nullptr) *count = offset[np];
+  if (limit >= 0 && offset[np] > limit) return {};
+  Entries out(static_cast<size_t>(offset[np]));
+  // Each piece writes into its own slot [offset[c], offset[c + 1]) and never past
+  // it, even if the buffers changed since the count (another thread writing to
+  // them while the GIL is released): then the counts differ and nan_at says so.
+  std::vector<char> changed(np, 0);
+  pieces.run([&](int c) noexcept {
+    Entry* o = out.data() + offset[static_cast<size_t>(c)];
+    Entry* const o_end = out.data() + offset[static_cast<size_t>(c) + 1];
+    for_segments(b, pieces.lo(c), pieces.hi(c), [&](size_t t, int64_t s, int64_t e, int64_t g0) {
+      const auto acc = rule.tensor(t);
+      const int32_t t32 = static_cast<int32_t>(t);
+      constexpr int64_t kBlock = 64;
+      Entry stage[kBlock];
+      float value;
+      for (int64_t i = s; i < e; i += kBlock) {
+        const int64_t end = std::min(e, i + kBlock);
+        // Skip blocks without a kept entry (sparse selections).
+        unsigned any = 0;
+        for (int64_t j = i; j < end; ++j) any |= static_cast<unsigned>(acc.keep(j, value));
+        if (!any) continue;
+        int64_t m = 0;  // stage the block without branches, then copy it out
+        for (int64_t j = i; j < end; ++j) {
+          const bool k = acc.keep(j, value);
+          stage[m] = Entry{value, t32, g0 + (j - s)};
+          m += static_cast<int64_t>(k);
+        }
+        if (m > o_end - o) {
+          changed[static_cast<size_t>(c)] = 1;
+          return false;
+        }
+        std::memcpy(static_cast<void*>(o), stage, static_cast<size_t>(m) * sizeof(Entry));
+        o += m;
+      }
+      return true;
+    });
+    if (o != o_end) changed[static_cast<size_t>(c)] = 1;
+  });
+  if (std::find(changed.begin(), changed.end(), 1) != changed.end()) {
+    nan_at = kChanged;
+    return {};
   }
   return out;
 }
@@ -602,6 +650,7 @@ py::tuple toward_zero(const py::sequence& params, const py::sequence& grads, dou
     out = gather(p, TowardZeroRule{p, g, lr}, nthreads, nan_at);
     if (nan_at == kNone) sort_ranked<true>(out, true, nthreads);
   }
+  if (nan_at == kChanged) raise_changed();
   if (nan_at != kNone) {
     const size_t t = static_cast<size_t>(
         std::upper_bound(p.offsets.begin(), p.offsets.end(), nan_at) - p.offsets.begin() - 1);
@@ -740,4 +789,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("saved"), py::arg("num_threads"), "write saved values back bit for bit");
   m.def("has_openmp", &has_openmp);
   m.attr("grain") = kGrain;
+  // Set by CMakeLists.txt; mftx/ops/_compiled.py refuses a module whose values
+  // differ from the package's version and source (a stale build).
+  m.attr("__version__") = MFTX_VERSION;
+  m.attr("__source_sha256__") = MFTX_SOURCE_SHA256;
 }

@@ -6,11 +6,14 @@ scores, weights and saved values, int64 arrays for candidate indices. They
 raise TypeError for a wrong dtype or a non-array, ValueError for
 non-contiguous or read-only buffers, mismatched lengths and NaN (naming the
 tensor index and flat position), and IndexError for an out-of-range
-candidate, always before the first write. Candidates come back as
+candidate, always before the first write; RuntimeError when the buffers
+changed between two passes of `select`/`toward_zero`/large-k `topk` (another
+thread writing to them while the GIL is released). Candidates come back as
 ``(tensor_index, flat_index, value)``: int64, int64 and float32 arrays in rank
 order (most extreme first, ties by tensor index, then flat index).
-``num_threads`` caps the OpenMP threads; inputs of at most `grain` elements
-run on one thread. Use the wrappers in `mftx.ops`, which also register the
+``num_threads`` caps the OpenMP threads (one per `grain` elements); a team
+OpenMP runs smaller than that (thread limits, dynamic teams, nested regions)
+gives the same results. Use the wrappers in `mftx.ops`, which also register the
 ops with torch.
 """
 
@@ -25,6 +28,12 @@ _Candidates = Tuple[_I64, _I64, _F32]
 
 grain: int
 """Work size (elements or candidates) below which a loop runs on one thread."""
+
+__version__: str
+"""The mftx version this module was built for (from mftx/_version.py)."""
+
+__source_sha256__: str
+"""SHA-256 of the csrc/mftx_ops.cpp it was built from."""
 
 def topk(arrays: Sequence[_F32], k: int, largest: bool, num_threads: int) -> _Candidates:
     """The k most extreme values (k > number of entries: all of them); k < 0 raises."""

@@ -5,6 +5,7 @@ Data flows one way: model + data → `score` → `Scores.candidates` / `flagged`
 """
 
 from . import ops
+from ._version import __version__
 from .errors import NegativeCurvatureError, NonFiniteError, SolverDivergedError
 from .hvp import Curvature
 from .masking import MaskStack, masked
@@ -14,8 +15,6 @@ from .params import DEFAULT_EXCLUDE, ParamSpace, select_params
 from .scores import METHODS, Scores
 from .scoring import ScoreConfig, score
 from .solvers import SolveResult
-
-__version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_EXCLUDE",

@@ -38,6 +38,7 @@ from torch.func import functional_call, grad, grad_and_value, jvp, vjp
 
 from . import memory
 from .errors import NonFiniteError
+from .indexing import FlatIndex
 from .objective import Objective, batch_size
 from .params import ParamSpace
 
@@ -340,10 +341,7 @@ class Curvature:
         return self._scale
 
     def _where(self, flat: int):
-        ends = torch.tensor(self.space.numels).cumsum(0)
-        t = int(torch.searchsorted(ends, torch.tensor(flat), right=True))
-        start = int(ends[t]) - self.space.numels[t]
-        return self.space.locate(t, flat - start)
+        return self.space.locate(*FlatIndex(self.space.numels).split(flat))
 
     # ------------------------------------------------------------------ products
     def _build_graph(self, i: int, params: Params) -> Tuple[Params, Tuple[torch.Tensor, ...]]:

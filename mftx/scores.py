@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -10,39 +9,45 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import ops
+from . import fileio, ops
 from .ops import Candidates
 
 __all__ = ["METHODS", "Scores"]
 
-#: For each method: whether candidates are the largest scores (else the smallest),
-#: and its flag rule (threshold, below) or None. The sign convention lives here only.
+#: For each method: the data it uses (training and/or validation batches), whether
+#: candidates are the largest scores (else the smallest), and its flag rule (threshold,
+#: below) or None. The sign convention lives here only.
 METHODS: Dict[str, Dict[str, Any]] = {
     "gradient": {
+        "uses": ("train",),
         "largest": True,
         "flag": (0.0, False),
         "flag_label": "detrimental",
         "help": "|θ| − |θ − lr·g_train|: how far one SGD step moves θ toward zero; > 0 flagged",
     },
     "influence": {
+        "uses": ("train", "val"),
         "largest": False,
         "flag": (0.0, True),
         "flag_label": "beneficial",
         "help": "−θ ⊙ (H + λI)⁻¹ ∇L_val: predicted change of validation loss; < 0 flagged",
     },
     "taylor": {
+        "uses": ("val",),
         "largest": False,
         "flag": (0.0, True),
         "flag_label": "beneficial",
         "help": "−g_val ⊙ θ: first-order change of validation loss when zeroing; < 0 flagged",
     },
     "obd": {
+        "uses": ("val",),
         "largest": False,
         "flag": (0.0, True),
         "flag_label": "beneficial",
         "help": "−g_val ⊙ θ + ½ diag(H_val) ⊙ θ²: second-order change of validation loss; < 0 flagged",
     },
     "magnitude": {
+        "uses": (),
         "largest": False,
         "flag": None,
         "flag_label": None,
@@ -123,7 +128,6 @@ class Scores:
     def save(self, path: Union[str, Path]) -> Path:
         """Write a safetensors file; method, config and stats go in its JSON metadata."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         meta = {
             "format": _FORMAT,
             "method": self.method,
@@ -134,9 +138,9 @@ class Scores:
         tensors = {
             f"score.{i}": t.detach().contiguous().cpu() for i, t in enumerate(self.tensors())
         }
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"mftx": json.dumps(meta, default=_jsonable)})
-        tmp.replace(path)  # atomic: an interrupted save leaves no half file
+        text = fileio.dumps(meta, path.parent)
+        with fileio.atomic_target(path) as tmp:  # an interrupted save leaves no half file
+            save_file(tensors, str(tmp), metadata={"mftx": text})
         return path
 
     @classmethod
@@ -150,21 +154,11 @@ class Scores:
                 raise ValueError(
                     f"{path} is a safetensors file but not mftx scores (no 'mftx' metadata)"
                 )
-            meta = json.loads(header["mftx"])
+            meta = fileio.loads(header["mftx"], path.parent)
             if meta.get("format") != _FORMAT:
                 raise ValueError(f"{path}: unsupported scores format {meta.get('format')!r}")
             scores = {n: f.get_tensor(f"score.{i}") for i, n in enumerate(meta["names"])}
         return cls(meta["method"], scores, meta["config"], meta["stats"])
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, (torch.dtype, torch.device, Path)):
-        return str(x)
-    if isinstance(x, torch.Tensor) and x.numel() == 1:
-        return x.item()
-    if isinstance(x, (set, tuple)):
-        return list(x)
-    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
 def from_space(method: str, names: Sequence[str], tensors: Sequence[torch.Tensor], **kw) -> Scores:

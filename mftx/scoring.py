@@ -17,7 +17,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
@@ -25,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import ops, solvers
+from .backends import BACKENDS, get_backend
 from .hvp import CURVATURES, MODES, Curvature, batch_weights, resolve_batch_size
 from .objective import check_batches, default_loss
 from .params import ParamSpace, select_params
@@ -33,8 +34,6 @@ from .scores import METHODS, Scores
 __all__ = ["ScoreConfig", "score"]
 
 log = logging.getLogger("mftx")
-
-BACKENDS = ("eager", "compile", "xla")
 
 
 def _help(text: str, default: Any) -> Any:
@@ -132,10 +131,7 @@ class ScoreConfig:
             for k, v in self.num_examples.items():
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
                     raise ValueError(f"num_examples[{k!r}] must be a positive number, got {v!r}")
-        if self.backend == "xla":
-            from . import xla
-
-            xla.check_config(self)
+        get_backend(self.backend).check(self)
 
     @classmethod
     def help(cls) -> str:
@@ -171,28 +167,10 @@ def _materialise(data: Optional[Iterable], what: str, needed: bool) -> list:
     return batches
 
 
-def _to_device(batches: list, device: torch.device) -> list:
-    """Batches with their tensors on `device` (those already there are not copied)."""
-    out = []
-    for b in batches:
-        if isinstance(b, dict):
-            b = {
-                k: v.to(device) if isinstance(v, torch.Tensor) and v.device != device else v
-                for k, v in b.items()
-            }
-        out.append(b)
-    return out
-
-
 def _needs(method: str):
     """(needs train, needs val)."""
-    return {
-        "gradient": (True, False),
-        "influence": (True, True),
-        "taylor": (False, True),
-        "obd": (False, True),
-        "magnitude": (False, False),
-    }[method]
+    uses = METHODS[method]["uses"]
+    return "train" in uses, "val" in uses
 
 
 def score(
@@ -241,15 +219,11 @@ def score_with_config(
     loss_fn: Optional[Callable] = None,
 ) -> Scores:
     cfg.validate()
+    backend = get_backend(cfg.backend)
     need_train, need_val = _needs(cfg.method)
     train_b = _materialise(train, "train", need_train)
     val_b = _materialise(val, "val", need_val)
-    if cfg.backend == "xla":
-        from . import xla  # optional dependency: torch_xla
-
-        xla.require_xla()
-        model, train_b, val_b, params = xla.prepare(model, train_b, val_b, params)
-        cfg = replace(cfg, fixed_iterations=True)
+    model, train_b, val_b, params, cfg = backend.prepare(model, train_b, val_b, params, cfg)
     space = params if params is not None else select_params(model)
     frozen = [n for n, p in space if not p.requires_grad]
     if frozen and cfg.method != "magnitude":
@@ -257,8 +231,6 @@ def score_with_config(
             f"analysed parameter(s) without grad (requires_grad=False): {frozen[:5]}"
             f"{' ...' if len(frozen) > 5 else ''}; unfreeze them or exclude them from params"
         )
-    if cfg.backend != "xla":
-        train_b, val_b = _to_device(train_b, space.device), _to_device(val_b, space.device)
     loss_fn = loss_fn if loss_fn is not None else default_loss(model)
     check_batches(loss_fn, train_b, "train")
     check_batches(loss_fn, val_b, "val")
@@ -275,12 +247,11 @@ def score_with_config(
     t0 = time.perf_counter()
     try:
         tensors, stats, fused = _METHODS[cfg.method](model, space, train_b, val_b, loss_fn, cfg)
-    except RuntimeError as exc:
-        if cfg.backend == "xla" and "device_ready_queues_" in str(exc):
-            from . import xla
-
-            raise RuntimeError(xla.ENGINE_HINT) from exc
-        raise
+    except Exception as exc:
+        clearer = backend.explain(exc)
+        if clearer is None:
+            raise
+        raise clearer from exc
     finally:
         model.train(was_training)
     tensors = [t.detach().cpu() for t in tensors]
@@ -305,21 +276,10 @@ def _curvature(
 ) -> Curvature:
     """The Curvature over `batches` of the `which` set ('train' or 'val'); `share`: the
     part of that set's weight the batches hold (for num_examples of a subsample)."""
-    backend = cfg.backend
-    if backend == "xla":
-        backend = "openxla" if cfg.xla_compile else "eager"  # eager here: lazy XLA tensors
     n = (cfg.num_examples or {}).get(which)
-    op = Curvature(
-        model, space, batches, loss_fn, curvature=cfg.curvature, mode=cfg.hvp_mode,
-        backend=backend, cache_graphs=cfg.cache_graphs, cache_budget=cfg.cache_budget,
-        check_finite=not cfg.fixed_iterations, distributed=cfg.distributed,
-        batch_size_fn=cfg.batch_size_fn, num_examples=n if n is None else n * share,
-    )  # fmt: skip
-    if cfg.backend == "xla":
-        from . import xla
-
-        op.sync = xla.sync_state
-    return op
+    return get_backend(cfg.backend).curvature(
+        model, space, batches, loss_fn, cfg, num_examples=n if n is None else n * share
+    )
 
 
 def _gradient(model, space, train, val, loss_fn, cfg):

@@ -36,10 +36,13 @@ def _bert_like(total: int, seed: int) -> List[torch.Tensor]:
 
 
 def run(size: int = 4_000_000) -> int:
-    print(
-        f"mftx.ops: compiled module loaded: {ops.HAS_CPP}"
-        + (f" ({ops.IMPORT_ERROR})" if not ops.HAS_CPP else "")
-    )
+    if ops.HAS_CPP:
+        from .ops._compiled import _C
+
+        omp = "with OpenMP" if _C.has_openmp() else "without OpenMP (one thread)"
+        print(f"mftx.ops: compiled module loaded: True (built for mftx {_C.__version__}, {omp})")
+    else:
+        print(f"mftx.ops: compiled module loaded: False ({ops.IMPORT_ERROR})")
     print(f"threads: {ops.get_num_threads()}; scores: {size:,} float32 in BERT-base shapes\n")
     scores = _bert_like(size, 0)
     grads = _bert_like(size, 1)

@@ -118,7 +118,10 @@ def prepare(
         missing = [n for n in params.names if n not in own]
         if missing:
             raise ValueError(f"params name parameters the model does not have: {missing[:3]}")
-        space = ParamSpace(params.names, tuple(own[n] for n in params.names), params.model_numel)
+        space = ParamSpace(
+            params.names, tuple(own[n] for n in params.names), params.model_numel,
+            params.excluded,
+        )  # fmt: skip
     dtype = space.dtype
     return (
         work,
@@ -132,6 +135,17 @@ ENGINE_HINT = (
     "autograd ran in this process before torch_xla set up its device: call "
     "torch_xla.device() (or mftx.xla.device()) at start-up, before any backward pass"
 )
+
+
+def explain_error(exc: BaseException) -> Optional[BaseException]:
+    """The error to raise instead of `exc` when it is a known torch_xla failure, else None.
+
+    torch_xla 2.9 reports autograd having run before its device was set up only
+    as an internal assert of the autograd engine (``device_ready_queues_``).
+    """
+    if isinstance(exc, RuntimeError) and "device_ready_queues_" in str(exc):
+        return RuntimeError(ENGINE_HINT)
+    return None
 
 
 def compile_count() -> int:

@@ -286,12 +286,13 @@ def test_analyze_end_to_end_on_a_local_checkpoint(family, toy_data, tmp_path, ca
     model, _ = load_classifier(ckpt)
     space = mftx.select_params(model)
     ck = out / ckpt.name
-    info = json.loads((ck / "checkpoint.json").read_text())
+    result = lambda name: json.loads((ck / name).read_text())["result"]  # noqa: E731
+    info = result("checkpoint.json")
     assert info["analysed_params"] == space.numel < info["total_params"]
     scores = mftx.Scores.load(ck / "scores-influence-ggn.safetensors")
     assert list(scores.names) == list(space.names)
     for label in ("gradient", "influence-ggn"):
-        sweep = json.loads((ck / f"sweep-{label}.json").read_text())
+        sweep = result(f"sweep-{label}.json")
         assert sweep["restored_bitwise"] and [p["k"] for p in sweep["points"]] == [5, 50]
-    fid = json.loads((ck / "fidelity.json").read_text())
+    fid = result("fidelity.json")
     assert len(fid["samples"]) == 4 and set(fid["summary"]) == {"gradient", "influence-ggn"}

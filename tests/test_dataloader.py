@@ -10,7 +10,7 @@ from torch.func import functional_call, hessian
 from torch.utils.data import DataLoader
 
 import mftx
-from mftx.scoring import _to_device
+from mftx.backends import to_device
 
 
 def rel(a, b):
@@ -211,7 +211,7 @@ def test_single_batches_and_non_iterables_are_refused(bert):
 
 def test_batches_are_placed_on_the_model_device():
     cpu = {"input_ids": torch.ones(2, 3, dtype=torch.long), "note": "kept", "n": 2}
-    (moved,) = _to_device([cpu], torch.device("meta"))
+    (moved,) = to_device([cpu], torch.device("meta"))
     assert moved["input_ids"].device.type == "meta" and moved["note"] == "kept"
-    (same,) = _to_device([cpu], torch.device("cpu"))
+    (same,) = to_device([cpu], torch.device("cpu"))
     assert same["input_ids"] is cpu["input_ids"]  # already there: not copied

@@ -8,13 +8,43 @@ through their fake kernels.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
+from pathlib import Path
 from typing import List, Optional, Tuple
 
 import torch
 
+from .._version import __version__
+
 Tensor = torch.Tensor
+
+# The C++ source beside the package in a source checkout (editable installs); absent
+# from installed wheels, where the version alone identifies the build.
+SOURCE = Path(__file__).resolve().parents[2] / "csrc" / "mftx_ops.cpp"
+
+
+def stale_build(module, source: Path = SOURCE) -> Optional[str]:
+    """Why `module` (a loaded mftx._C) does not belong to this package, or None.
+
+    The build carries the package version and the SHA-256 of its C++ source
+    (CMakeLists.txt compiles both in); a module from an older build, or from
+    other C++ source than the checkout's, would run other kernels than the code
+    beside it expects.
+    """
+    built = getattr(module, "__version__", None)
+    if built != __version__:
+        return (
+            f"it was built for mftx {built or 'an unknown version (an older build)'}, "
+            f"this package is mftx {__version__}"
+        )
+    if source.is_file():
+        digest = hashlib.sha256(source.read_bytes()).hexdigest()
+        if getattr(module, "__source_sha256__", None) != digest:
+            return f"it was built from other C++ source than {source}"
+    return None
+
 
 _C = None
 IMPORT_ERROR: Optional[str] = None
@@ -26,10 +56,18 @@ else:
         from mftx import _C  # type: ignore[no-redef]
     except ImportError as exc:  # reported, never hidden
         IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+        advice = "Reinstall mftx (pip install --force-reinstall mftx)"
+    else:
+        stale = stale_build(_C)
+        if stale is not None:
+            _C = None
+            IMPORT_ERROR = f"stale build: {stale}"
+            advice = "Rebuild it: `pip install -e .` in the source checkout (or reinstall mftx)"
+    if IMPORT_ERROR is not None:
         warnings.warn(
             f"mftx: the compiled ops (mftx._C) failed to load ({IMPORT_ERROR}); "
-            "falling back to the pure-PyTorch reference path. Reinstall mftx "
-            "(pip install --force-reinstall mftx) or set MFTX_DISABLE_CPP=1 to silence this.",
+            f"falling back to the pure-PyTorch reference path. {advice}, "
+            "or set MFTX_DISABLE_CPP=1 to silence this.",
             RuntimeWarning,
             stacklevel=3,
         )
@@ -58,6 +96,22 @@ def _arrays(tensors: List[Tensor]):
 def _as_tensors(out) -> Tuple[Tensor, Tensor, Tensor]:
     ti, fi, v = out
     return torch.from_numpy(ti), torch.from_numpy(fi), torch.from_numpy(v)
+
+
+def _outputs_not_differentiable(ctx, inputs, output) -> None:
+    ctx.mark_non_differentiable(*output)
+
+
+def _never_called(ctx, *grads):
+    raise AssertionError("mftx ranking ops have no differentiable outputs")
+
+
+def _rank_only(op) -> None:
+    """Candidates are a ranking, not a function to differentiate: like the reference
+    twins (which read detached tensors), outputs never require grad, also for
+    inputs that do. Mutating ops (mask_, restore_) cannot register autograd; the
+    public wrappers call them under `torch.no_grad()`."""
+    op.register_autograd(_never_called, setup_context=_outputs_not_differentiable)
 
 
 def _dynamic_empty_like_candidates():
@@ -94,6 +148,9 @@ if HAS_CPP:
     def _(tensors, threshold, below):
         return _dynamic_empty_like_candidates()
 
+    _rank_only(topk_op)
+    _rank_only(select_op)
+
     @torch.library.custom_op("mftx::toward_zero", mutates_args=(), device_types="cpu")
     def toward_zero_op(
         params: List[Tensor], grads: List[Tensor], lr: float
@@ -103,6 +160,8 @@ if HAS_CPP:
     @toward_zero_op.register_fake
     def _(params, grads, lr):
         return _dynamic_empty_like_candidates()
+
+    _rank_only(toward_zero_op)
 
     @torch.library.custom_op("mftx::mask_", mutates_args=("tensors",), device_types="cpu")
     def mask_op(tensors: List[Tensor], tensor_index: Tensor, flat_index: Tensor) -> Tensor:
