@@ -16,12 +16,13 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+import torch
 from torch import nn
 
 from .hvp import Curvature
 from .params import ParamSpace
 
-__all__ = ["BACKENDS", "Backend", "get_backend"]
+__all__ = ["BACKENDS", "Backend", "get_backend", "to_device"]
 
 Prepared = Tuple[nn.Module, List[Any], List[Any], Optional[ParamSpace], Any]
 
@@ -38,18 +39,25 @@ class Backend:
         self, model: nn.Module, train: List[Any], val: List[Any], params: Optional[ParamSpace],
         cfg: Any,
     ) -> Prepared:  # fmt: skip
-        """The model, batches, parameter space and config the computation runs with."""
+        """The model, batches, parameter space and config the computation runs with: here
+        the batches' tensors on the device of the analysed (else the model's) parameters."""
+        device = params.device if params is not None else _device_of(model)
+        if device is not None:
+            train, val = to_device(train, device), to_device(val, device)
         return model, train, val, params, cfg
 
     def curvature(
         self, model: nn.Module, space: ParamSpace, batches: Sequence[Any], loss_fn: Callable,
-        cfg: Any,
+        cfg: Any, num_examples: Optional[float] = None,
     ) -> Curvature:  # fmt: skip
-        """Gradients and curvature products over `batches` for this backend."""
+        """Gradients and curvature products over `batches` for this backend (`num_examples`:
+        what their dataset means divide by, see `Curvature`)."""
         return Curvature(
             model, space, batches, loss_fn, curvature=cfg.curvature, mode=cfg.hvp_mode,
             backend=self.hvp_backend(cfg), cache_graphs=cfg.cache_graphs,
-            check_finite=not cfg.fixed_iterations, distributed=cfg.distributed,
+            cache_budget=cfg.cache_budget, check_finite=not cfg.fixed_iterations,
+            distributed=cfg.distributed, batch_size_fn=cfg.batch_size_fn,
+            num_examples=num_examples,
         )  # fmt: skip
 
     def hvp_backend(self, cfg: Any) -> str:
@@ -87,10 +95,10 @@ class XLABackend(Backend):
         # eager here means lazy XLA tensors; openxla compiles the per-batch HVP.
         return "openxla" if cfg.xla_compile else "eager"
 
-    def curvature(self, model, space, batches, loss_fn, cfg) -> Curvature:
+    def curvature(self, model, space, batches, loss_fn, cfg, num_examples=None) -> Curvature:
         from . import xla
 
-        op = super().curvature(model, space, batches, loss_fn, cfg)
+        op = super().curvature(model, space, batches, loss_fn, cfg, num_examples)
         op.sync = xla.sync_state  # looked up per call: tests may patch it
         return op
 
@@ -98,6 +106,23 @@ class XLABackend(Backend):
         from . import xla
 
         return xla.explain_error(exc)
+
+
+def _device_of(model: nn.Module) -> Optional[torch.device]:
+    return next((p.device for p in model.parameters()), None)
+
+
+def to_device(batches: List[Any], device: torch.device) -> List[Any]:
+    """Batches with their tensors on `device` (those already there are not copied)."""
+    out = []
+    for b in batches:
+        if isinstance(b, dict):
+            b = {
+                k: v.to(device) if isinstance(v, torch.Tensor) and v.device != device else v
+                for k, v in b.items()
+            }
+        out.append(b)
+    return out
 
 
 _BACKENDS: Dict[str, Backend] = {b.name: b for b in (Backend(), CompileBackend(), XLABackend())}

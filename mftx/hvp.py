@@ -3,7 +3,9 @@
 Everything is taken with respect to the analysed parameters only (a `ParamSpace`);
 the model's other parameters and buffers stay fixed. A dataset's gradient or
 product is the batch-size-weighted mean over its batches, so it equals the
-gradient or product of the mean loss over all samples.
+gradient or product of the mean loss over all samples. What a batch counts
+(rows, tokens) is `Objective.batch_size` or an explicit ``batch_size_fn``;
+``num_examples`` divides by a given count instead of the sum of those weights.
 
 Curvatures:
 - ``"hessian"``: H v, the Hessian of the loss.
@@ -18,25 +20,29 @@ Modes (how second derivatives are taken):
 - ``"double-backward"``: ``torch.autograd.grad`` with ``create_graph=True``.
   With ``cache_graphs=True`` the first-order graph of every batch is kept, so a
   product costs one backward pass through it instead of forward + two backward
-  passes (memory: one graph per batch).
+  passes (memory: one graph per batch). ``cache_graphs="auto"`` (any mode, eager
+  backend) measures the first batch's graph and keeps graphs only when those of
+  all batches fit ``cache_budget`` × the free memory (`mftx.memory`); otherwise
+  products run uncached in the given mode.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad, grad_and_value, jvp, vjp
 
+from . import memory
 from .errors import NonFiniteError
 from .indexing import FlatIndex
 from .objective import Objective, batch_size
 from .params import ParamSpace
 
-__all__ = ["CURVATURES", "MODES", "Curvature"]
+__all__ = ["CURVATURES", "MODES", "Curvature", "batch_weights", "resolve_batch_size"]
 
 log = logging.getLogger("mftx")
 
@@ -157,12 +163,45 @@ def _ggn_product(fn: _Functional, mode: str) -> Callable:
     return ggn
 
 
+def resolve_batch_size(
+    loss_fn: Any, batch_size_fn: Optional[Callable[[Any], float]] = None
+) -> Callable[[Any], float]:
+    """A batch's weight in a dataset mean: `batch_size_fn`, else the loss's own
+    ``batch_size`` (`Objective.batch_size`), else the number of rows."""
+    if batch_size_fn is not None:
+        return batch_size_fn
+    own = getattr(loss_fn, "batch_size", None)
+    return own if callable(own) else batch_size
+
+
+def batch_weights(
+    size: Callable[[Any], float], batches: Sequence[Any], what: str = ""
+) -> List[float]:
+    """`size` of every batch, checked: a finite number >= 0 (errors name `what` batch i)."""
+    out = []
+    for i, b in enumerate(batches):
+        w = size(b)
+        if isinstance(w, torch.Tensor) and w.numel() == 1:
+            w = w.item()
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not (0 <= w < math.inf):
+            raise ValueError(
+                f"the batch size of {what + ' ' if what else ''}batch {i} is {w!r}: batch_size_fn "
+                "must return a "
+                "finite number >= 0 (the batch's weight in the dataset mean)"
+            )
+        out.append(float(w))
+    return out
+
+
 class Curvature:
     """Gradients and curvature products of `loss_fn` over `batches`, on flat vectors.
 
     `matvec(v)` returns the batch-size-weighted mean of the per-batch products
     (or over the batches named by `indices`). `gradient(batches)` returns the
-    weighted mean gradient and mean loss of any list of batches.
+    weighted mean gradient and mean loss of any list of batches. Weights come
+    from `batch_size_fn` (default: `resolve_batch_size`); with `num_examples`
+    every mean is rescaled to a sum over the batches divided by it (a subset of
+    the batches counts its share of `num_examples`, in proportion to weight).
     """
 
     def __init__(
@@ -177,6 +216,9 @@ class Curvature:
         cache_graphs: bool = False,
         check_finite: bool = True,
         distributed: Optional[bool] = None,
+        batch_size_fn: Optional[Callable[[Any], float]] = None,
+        num_examples: Optional[float] = None,
+        cache_budget: float = 0.5,
     ):
         if curvature not in CURVATURES:
             raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
@@ -187,8 +229,14 @@ class Curvature:
                 "curvature='ggn' needs the loss split into outputs and a loss on them: pass "
                 "loss_fn=mftx.Objective(outputs, loss) (the default HF objective has it)"
             )
-        if cache_graphs and mode != "double-backward":
+        if cache_graphs not in (False, True, "auto"):
+            raise ValueError(f"cache_graphs must be True, False or 'auto', got {cache_graphs!r}")
+        if cache_graphs is True and mode != "double-backward":
             raise ValueError("cache_graphs=True needs mode='double-backward'")
+        if cache_graphs == "auto" and backend != "eager":
+            raise ValueError("cache_graphs='auto' needs backend='eager' (graphs are kept eagerly)")
+        if not 0 < cache_budget <= 1:
+            raise ValueError(f"cache_budget must be in (0, 1], got {cache_budget!r}")
         if backend == "compile" and mode == "double-backward":
             raise ValueError(
                 "backend='compile' traces torch.func transforms; use mode 'rev-rev' or 'fwd-rev' "
@@ -196,11 +244,19 @@ class Curvature:
             )
         self.space = space
         self.batches = list(batches)
-        self.weights = [batch_size(b) for b in self.batches]
+        self._size = resolve_batch_size(loss_fn, batch_size_fn)
+        self.weights = batch_weights(self._size, self.batches)
+        if num_examples is not None and not (0 < num_examples < math.inf):
+            raise ValueError(f"num_examples must be a positive number, got {num_examples!r}")
+        self.num_examples = num_examples
+        self._scale: Optional[float] = None
         self.curvature = curvature
         self.mode = mode
         self.backend = backend
         self.cache_graphs = cache_graphs
+        self.cache_budget = cache_budget
+        #: cache_graphs="auto": what `memory.cache_fits` decided on the first product.
+        self.cache_decision: Optional[Dict[str, Any]] = None
         self.check_finite = check_finite
         if distributed is None:
             distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -209,6 +265,7 @@ class Curvature:
         self.n_batch_products = 0
         #: Called with the CG state after each iteration (XLA cuts its graph there).
         self.sync: Optional[Callable[[list], None]] = None
+        self._model = model
         self._fn = _Functional(model, space, loss_fn)
         product = (_hessian_product if curvature == "hessian" else _ggn_product)(self._fn, mode)
         grad_fn = grad_and_value(self._fn.loss)
@@ -233,9 +290,10 @@ class Curvature:
         total = torch.zeros(self.space.numel, dtype=self.space.dtype, device=self.space.device)
         views = self.space.unflatten(total)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.space.device)
-        n_all = 0
+        n_all = 0.0
+        sizes = batch_weights(self._size, batches)  # before the loop: no syncs inside it
         for i, b in enumerate(batches):
-            n = batch_size(b)
+            n = sizes[i]
             g, loss = self._grad(params, b)
             if self.check_finite and not bool(torch.isfinite(loss)):
                 raise NonFiniteError(f"{what} is {float(loss)} on batch {i}")
@@ -251,6 +309,10 @@ class Curvature:
             raise ValueError(f"no samples to compute the {what} gradient on")
         total /= n_all
         mean_loss = float(counts[0]) / n_all
+        if self.num_examples is not None:
+            scale = self.scale()
+            total *= scale
+            mean_loss *= scale
         if not math.isfinite(mean_loss):
             raise NonFiniteError(f"the mean {what} is {mean_loss}")
         if not bool(torch.isfinite(total).all()):
@@ -267,24 +329,69 @@ class Curvature:
             dist.all_reduce(counts, op=dist.ReduceOp.SUM)
         return vec, counts
 
+    def scale(self) -> float:
+        """Sum of the batches' weights (over ranks) / `num_examples`; 1 without it."""
+        if self.num_examples is None:
+            return 1.0
+        if self._scale is None:
+            w = torch.tensor([sum(self.weights)], dtype=torch.float64, device=self.space.device)
+            if self.distributed:
+                torch.distributed.all_reduce(w, op=torch.distributed.ReduceOp.SUM)
+            self._scale = float(w[0]) / self.num_examples
+        return self._scale
+
     def _where(self, flat: int):
         return self.space.locate(*FlatIndex(self.space.numels).split(flat))
 
     # ------------------------------------------------------------------ products
+    def _build_graph(self, i: int, params: Params) -> Tuple[Params, Tuple[torch.Tensor, ...]]:
+        """Leaves and the first-order graph's outputs for batch i (gradient or outputs)."""
+        with torch.enable_grad():
+            leaves = tuple(p.detach().requires_grad_() for p in params)
+            if self.curvature == "hessian":
+                loss = self._fn.loss(leaves, self.batches[i])
+                return leaves, torch.autograd.grad(loss, leaves, create_graph=True)
+            return leaves, (self._fn.outputs(leaves, self.batches[i]),)
+
+    def _decide_caching(self, i: int, params: Params) -> None:
+        """cache_graphs="auto": build batch i's graph, measure it, keep graphs if all fit."""
+        available = memory.available_bytes(self.space.device)
+        batch = self.batches[i]
+        resident = [*self._model.parameters(), *self._model.buffers()]
+        resident += [t for t in (batch.values() if isinstance(batch, dict) else batch)
+                     if isinstance(t, torch.Tensor)]  # fmt: skip
+        with memory.saved_bytes(resident) as counter:
+            graph = self._build_graph(i, params)
+        for t in graph[1]:
+            counter.add(t)
+        sizes = [memory.input_numel(batch)]
+        sizes += [memory.input_numel(b) for j, b in enumerate(self.batches) if j != i]
+        self.cache_decision = memory.cache_fits(counter.bytes, sizes, available, self.cache_budget)
+        if self.cache_decision["cached"]:
+            self._graphs[i] = graph
+        log.info(
+            "cache_graphs='auto': %s (graphs of %d batches about %.3g GiB, budget %.3g GiB)",
+            "caching" if self.cache_decision["cached"] else "not caching",
+            len(self.batches),
+            self.cache_decision["estimated_bytes"] / 2**30,
+            self.cache_budget * (available or 0) / 2**30,
+        )
+
+    @property
+    def caching(self) -> bool:
+        """Whether products run through kept graphs (for "auto": once decided)."""
+        if self.cache_graphs == "auto":
+            return bool(self.cache_decision and self.cache_decision["cached"])
+        return bool(self.cache_graphs)
+
     def _batch_product(self, i: int, params: Params, v: Params) -> Tuple[torch.Tensor, ...]:
         self.n_batch_products += 1
-        if not self.cache_graphs:
+        if self.cache_graphs == "auto" and self.cache_decision is None:
+            self._decide_caching(i, params)
+        if not self.caching:
             return self._product(params, v, self.batches[i])
         if i not in self._graphs:
-            with torch.enable_grad():
-                leaves = tuple(p.detach().requires_grad_() for p in params)
-                if self.curvature == "hessian":
-                    loss = self._fn.loss(leaves, self.batches[i])
-                    g = torch.autograd.grad(loss, leaves, create_graph=True)
-                    self._graphs[i] = (leaves, g)
-                else:
-                    z = self._fn.outputs(leaves, self.batches[i])
-                    self._graphs[i] = (leaves, (z,))
+            self._graphs[i] = self._build_graph(i, params)
         leaves, g = self._graphs[i]
         if self.curvature == "hessian":
             return torch.autograd.grad(g, leaves, grad_outputs=v, retain_graph=True)
@@ -317,7 +424,11 @@ class Curvature:
             count = torch.tensor([float(n_all)], dtype=torch.float64, device=out.device)
             out, count = self._all_reduce(out, count)
             n_all = float(count[0])
+        if n_all == 0:
+            raise ValueError("the curvature's batches weigh nothing (every batch size is 0)")
         out /= n_all
+        if self.num_examples is not None:
+            out *= self.scale()
         if self.check_finite and not bool(torch.isfinite(out).all()):
             raise NonFiniteError(
                 f"the {self.curvature}-vector product is not finite (mode {self.mode}); "

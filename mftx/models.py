@@ -24,11 +24,14 @@ from . import fileio
 __all__ = [
     "DEFAULT_MODEL",
     "METADATA_FILE",
+    "TINY_FAMILIES",
     "load_classifier",
     "make_tiny_bert",
+    "make_tiny_classifier",
     "read_metadata",
     "resolve_model",
     "save_classifier",
+    "tiny_config",
 ]
 
 logger = logging.getLogger(__name__)
@@ -324,9 +327,49 @@ def _tiny_vocab(words: Iterable[str]) -> List[str]:
     return list(_TINY_SPECIALS) + sorted(pieces - set(_TINY_SPECIALS))
 
 
-def make_tiny_bert(
+#: Families `make_tiny_classifier` builds, and the inputs their tokenizers produce.
+TINY_FAMILIES = ("bert", "roberta", "distilbert", "gpt2", "llama")
+
+
+def tiny_config(
+    family: str, vocab: int, hidden: int, layers: int, heads: int, inter: int, labels: int,
+    max_position: int,
+) -> Any:  # fmt: skip
+    """The transformers config of a tiny `family` classifier whose pad token is id 0."""
+    import transformers as T
+
+    pad, cls, sep = (_TINY_SPECIALS.index(t) for t in ("[PAD]", "[CLS]", "[SEP]"))
+    ids = {"pad_token_id": pad, "bos_token_id": cls, "eos_token_id": sep, "num_labels": labels}
+    if family in ("bert", "roberta"):
+        config = T.BertConfig if family == "bert" else T.RobertaConfig
+        return config(
+            vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+            num_attention_heads=heads, intermediate_size=inter,
+            # RoBERTa numbers positions from pad + 1
+            max_position_embeddings=max_position + (pad + 1 if family == "roberta" else 0),
+            type_vocab_size=2 if family == "bert" else 1, **ids,
+        )  # fmt: skip
+    if family == "distilbert":
+        return T.DistilBertConfig(
+            vocab_size=vocab, dim=hidden, n_layers=layers, n_heads=heads, hidden_dim=inter,
+            max_position_embeddings=max_position, **ids,
+        )  # fmt: skip
+    if family == "gpt2":
+        return T.GPT2Config(
+            vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads, n_inner=inter,
+            n_positions=max_position, **ids,
+        )  # fmt: skip
+    return T.LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=heads, intermediate_size=inter, max_position_embeddings=max_position,
+        **ids,
+    )  # fmt: skip
+
+
+def make_tiny_classifier(
     out_dir: PathLike,
     words: Iterable[str],
+    family: str = "bert",
     hidden_size: int = 32,
     layers: int = 2,
     heads: int = 2,
@@ -335,42 +378,46 @@ def make_tiny_bert(
     max_position: int = 128,
     seed: int = 0,
 ) -> Path:
-    """Save a tiny random-init ``BertForSequenceClassification`` with its tokenizer.
+    """Save a tiny random-init sequence classifier of `family` with a tokenizer.
 
-    A testing utility: the vocabulary is the five BERT special tokens plus every
-    whole word (lower-cased, split like BERT's pre-tokenizer, so whole sentences
-    may be passed) in `words`; unknown words map to ``[UNK]``. Weights depend
-    only on `seed` (the global RNG is left as it was). The directory loads with
-    `load_classifier` (no newly initialised head) and ``from_pretrained``.
-    Returns the directory.
+    A testing utility. `family` is one of `TINY_FAMILIES` (BERT, RoBERTa,
+    DistilBERT, GPT-2, Llama). The tokenizer is a word-level WordPiece over the
+    five BERT special tokens plus every whole word (lower-cased, split like
+    BERT's pre-tokenizer, so whole sentences may be passed) in `words`; unknown
+    words map to ``[UNK]``, ``[PAD]`` (id 0) is every model's pad token, and
+    only BERT gets token type ids. Weights depend only on `seed` (the global RNG
+    is left as it was). The directory loads with `load_classifier` (no newly
+    initialised head) and ``from_pretrained``. Returns the directory.
     """
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+    from transformers import AutoModelForSequenceClassification, BertTokenizerFast
 
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"family must be one of {TINY_FAMILIES}, got {family!r}")
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     vocab = _tiny_vocab(words)
     vocab_file = out / "vocab.txt"
     vocab_file.write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    inputs = ["input_ids", "attention_mask"] + (["token_type_ids"] if family == "bert" else [])
     # from_pretrained on the folder reads vocab.txt the same way in transformers 4 and 5
     # (5 ignores a vocab_file= argument to the constructor).
     tokenizer = BertTokenizerFast.from_pretrained(
-        str(out), do_lower_case=True, model_max_length=max_position, local_files_only=True
-    )
-    config = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=hidden_size,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        intermediate_size=intermediate,
-        max_position_embeddings=max_position,
-        num_labels=num_labels,
-        pad_token_id=0,
+        str(out), do_lower_case=True, model_max_length=max_position, local_files_only=True,
+        model_input_names=inputs,
+    )  # fmt: skip
+    config = tiny_config(
+        family, len(vocab), hidden_size, layers, heads, intermediate, num_labels, max_position
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = BertForSequenceClassification(config)
+        model = AutoModelForSequenceClassification.from_config(config)
     model.eval()
     with _quiet_transformers():
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
     return out
+
+
+def make_tiny_bert(out_dir: PathLike, words: Iterable[str], **kwargs: Any) -> Path:
+    """`make_tiny_classifier` with ``family="bert"`` (same keyword arguments)."""
+    return make_tiny_classifier(out_dir, words, family="bert", **kwargs)

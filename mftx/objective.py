@@ -17,10 +17,16 @@ __all__ = ["HFClassification", "LossFn", "Objective", "batch_size", "default_los
 
 Batch = Mapping[str, Any]
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+_IGNORE_INDEX = -100  # cross-entropy's (and transformers') ignored label
 
 
 def batch_size(batch: Batch) -> int:
-    """Number of samples in a batch: the length of its labels, else of its first tensor."""
+    """Number of rows in a batch: the length of its labels, else of its first tensor.
+
+    The default weight of a batch's mean loss in a dataset mean. Losses that
+    are not one per row (tokens, ignored labels) say otherwise through
+    `Objective.batch_size` or a ``batch_size_fn``.
+    """
     if isinstance(batch, Mapping):
         if isinstance(batch.get("labels"), torch.Tensor):
             return int(batch["labels"].shape[0])
@@ -40,8 +46,10 @@ def batch_size(batch: Batch) -> int:
 class Objective:
     """A loss split into ``outputs(model, batch)`` and ``loss(outputs, batch)``.
 
-    Calling it gives ``loss(outputs(model, batch), batch)``. The loss must be a
-    mean over the batch so that datasets average by sample count.
+    Calling it gives ``loss(outputs(model, batch), batch)``. The loss is a mean
+    over what `batch_size` counts (rows unless ``batch_size`` says otherwise:
+    tokens, non-ignored labels), so that a dataset's loss is the mean over all
+    of them.
     """
 
     def __init__(
@@ -49,10 +57,18 @@ class Objective:
         outputs: Callable[[nn.Module, Batch], torch.Tensor],
         loss: Callable[[torch.Tensor, Batch], torch.Tensor],
         requires: tuple = (),
+        batch_size: Optional[Callable[[Batch], float]] = None,
     ):
         self._outputs = outputs
         self._loss = loss
         self.requires = tuple(requires)
+        self._batch_size = batch_size
+
+    def batch_size(self, batch: Batch) -> float:
+        """What the loss of `batch` is a mean over: its weight in a dataset's mean."""
+        if self._batch_size is not None:
+            return self._batch_size(batch)
+        return batch_size(batch)
 
     def outputs(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         return self._outputs(model, batch)
@@ -82,6 +98,9 @@ class HFClassification(Objective):
     Mean cross-entropy for single-label classification, mean squared error for
     regression (``num_labels == 1``), mean binary cross-entropy with logits for
     multi-label problems, following ``config.problem_type`` as transformers does.
+    Each is a mean over label entries (cross-entropy: those not equal to -100,
+    which it ignores), so `batch_size` counts those: token-level labels weigh
+    a batch by its labelled tokens, not its rows.
     """
 
     def __init__(self, problem_type: Optional[str] = None):
@@ -93,6 +112,16 @@ class HFClassification(Objective):
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         out = model(**inputs)
         return out.logits if hasattr(out, "logits") else out[0]
+
+    def batch_size(self, batch: Batch) -> float:
+        labels = batch.get("labels") if isinstance(batch, Mapping) else None
+        if not isinstance(labels, torch.Tensor):
+            return batch_size(batch)
+        if self.problem_type in (None, "single_label_classification") and not (
+            labels.is_floating_point() or labels.is_complex()
+        ):
+            return int((labels != _IGNORE_INDEX).sum())
+        return labels.numel()
 
     def _resolve(self, logits: torch.Tensor, labels: torch.Tensor) -> str:
         if self.problem_type is not None:
@@ -109,7 +138,9 @@ class HFClassification(Objective):
         if kind == "regression":
             return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).squeeze(-1))
         if kind == "single_label_classification":
-            return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1))
+            return F.cross_entropy(
+                logits.view(-1, logits.shape[-1]), labels.view(-1), ignore_index=_IGNORE_INDEX
+            )
         return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
 
 

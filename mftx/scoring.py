@@ -14,9 +14,11 @@ Methods (the sign convention is in `mftx.scores.METHODS`):
 from __future__ import annotations
 
 import logging
+import math
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 from torch import nn
@@ -24,7 +26,7 @@ from tqdm.auto import tqdm
 
 from . import ops, solvers
 from .backends import BACKENDS, get_backend
-from .hvp import CURVATURES, MODES, Curvature
+from .hvp import CURVATURES, MODES, Curvature, batch_weights, resolve_batch_size
 from .objective import check_batches, default_loss
 from .params import ParamSpace, select_params
 from .scores import METHODS, Scores
@@ -51,7 +53,12 @@ class ScoreConfig:
     lr: float = _help("learning rate of the gradient rule |θ − lr·g| < |θ|", 2e-5)
     backend: str = _help("eager | compile (torch.compile) | xla (torch_xla)", "eager")
     hvp_mode: str = _help("rev-rev | fwd-rev | double-backward", "rev-rev")
-    cache_graphs: bool = _help("double-backward only: keep each batch's first-order graph", False)
+    cache_graphs: Union[bool, str] = _help(
+        "True (double-backward): keep each batch's first-order graph; 'auto': only when the "
+        "graphs of all HVP batches fit cache_budget x the free memory",
+        False,
+    )
+    cache_budget: float = _help("cache_graphs='auto': share of free memory graphs may take", 0.5)
     hvp_batches: Optional[int] = _help(
         "use this many training batches (seeded) for HVPs; None: all", None
     )
@@ -76,6 +83,16 @@ class ScoreConfig:
     distributed: Optional[bool] = _help(
         "all-reduce gradients and HVPs over torch.distributed ranks (None: when initialised)", None
     )
+    batch_size_fn: Optional[Callable[[Any], float]] = _help(
+        "batch -> its weight in the dataset mean (examples, tokens); None: the loss's own "
+        "count (Objective.batch_size; the HF loss counts labelled entries)",
+        None,
+    )
+    num_examples: Optional[Mapping[str, float]] = _help(
+        "{'train': N, 'val': M}: divide dataset sums by these counts instead of the summed "
+        "batch sizes (e.g. losses summed over rows)",
+        None,
+    )
     progress: bool = _help("show tqdm progress bars", True)
 
     def validate(self) -> None:
@@ -91,6 +108,9 @@ class ScoreConfig:
         one_of("backend", BACKENDS)
         one_of("hvp_mode", MODES)
         one_of("on_negative_curvature", ("raise", "stop"))
+        one_of("cache_graphs", (False, True, "auto"))
+        if not 0 < self.cache_budget <= 1:
+            raise ValueError(f"cache_budget must be in (0, 1], got {self.cache_budget!r}")
         solvers._check_damping(self.damping)
         if self.max_iter < 1:
             raise ValueError(f"max_iter must be >= 1, got {self.max_iter}")
@@ -99,6 +119,18 @@ class ScoreConfig:
         if self.probes < 0:
             raise ValueError(f"probes must be >= 0 (0: exact diagonal), got {self.probes}")
         ops._checks.lr_value(self.lr)
+        if self.batch_size_fn is not None and not callable(self.batch_size_fn):
+            raise TypeError(f"batch_size_fn must be callable, got {self.batch_size_fn!r}")
+        if self.num_examples is not None:
+            keys = set(self.num_examples) if isinstance(self.num_examples, Mapping) else None
+            if keys is None or not keys <= {"train", "val"}:
+                raise ValueError(
+                    "num_examples must be a dict with keys 'train' and/or 'val', "
+                    f"got {self.num_examples!r}"
+                )
+            for k, v in self.num_examples.items():
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+                    raise ValueError(f"num_examples[{k!r}] must be a positive number, got {v!r}")
         get_backend(self.backend).check(self)
 
     @classmethod
@@ -107,11 +139,29 @@ class ScoreConfig:
 
 
 def _materialise(data: Optional[Iterable], what: str, needed: bool) -> list:
+    """The batches of `data` as a list, read once: a list, any iterable, a DataLoader.
+
+    Mapping batches (a collator's BatchEncoding) become plain dicts. The solvers
+    pass over the batches many times, so a shuffling DataLoader is read once and
+    its order kept.
+    """
     if data is None:
         if needed:
             raise ValueError(f"{what} is None but the method needs {what} batches")
         return []
-    batches = list(data)
+    if isinstance(data, (Mapping, torch.Tensor)):
+        raise TypeError(
+            f"{what} is a single {type(data).__name__}; pass an iterable of batches "
+            "(a list of dicts, a DataLoader)"
+        )
+    try:
+        it = iter(data)
+    except TypeError:
+        raise TypeError(
+            f"{what} must be an iterable of batches (a list of dicts, a DataLoader), "
+            f"got {type(data).__name__}"
+        ) from None
+    batches = [dict(b) if isinstance(b, Mapping) else b for b in it]
     if needed and not batches:
         raise ValueError(f"{what} is empty: the method needs at least one {what} batch")
     return batches
@@ -142,9 +192,10 @@ def score(
     """Score every analysed parameter of `model` with `method`.
 
     `train` and `val` are iterables of batches (dicts of tensors; the default
-    loss is the Hugging Face classification loss, so batches carry ``labels``).
-    `params` defaults to `select_params(model)` (no classifier, pooler,
-    LayerNorm or embeddings). Further options are the fields of `ScoreConfig`
+    loss is the Hugging Face classification loss, so batches carry ``labels``):
+    lists, generators or DataLoaders, read once; tensors go to the model's device.
+    `params` defaults to `select_params(model)` (the attention and MLP blocks:
+    no embeddings, normalisation layers, pooler or head). Further options are the fields of `ScoreConfig`
     (``hvp_mode``, ``hvp_batches``, ``fixed_iterations``, ``lissa_*``, ``probes``,
     ``seed``, ``progress`` ...). The model is scored in eval mode and left in
     the mode it was in. Returns `Scores` with the config and solver statistics.
@@ -183,6 +234,9 @@ def score_with_config(
     loss_fn = loss_fn if loss_fn is not None else default_loss(model)
     check_batches(loss_fn, train_b, "train")
     check_batches(loss_fn, val_b, "val")
+    size = resolve_batch_size(loss_fn, cfg.batch_size_fn)
+    batch_weights(size, train_b, "train")  # bad weights fail here, before any work
+    batch_weights(size, val_b, "val")
     if (cfg.method == "influence" and cfg.solver == "explicit") or (
         cfg.method == "obd" and cfg.probes == 0
     ):
@@ -206,18 +260,30 @@ def score_with_config(
     config = asdict(cfg)
     config["n_train_batches"] = len(train_b)
     config["n_val_batches"] = len(val_b)
-    config["loss_fn"] = getattr(loss_fn, "__qualname__", type(loss_fn).__qualname__)
+    config["loss_fn"] = _name(loss_fn)
+    config["batch_size_fn"] = None if cfg.batch_size_fn is None else _name(cfg.batch_size_fn)
     s = Scores(cfg.method, dict(zip(space.names, tensors)), config=config, stats=stats)
     s._fused_flagged = fused
     return s
 
 
-def _curvature(model, space, batches, loss_fn, cfg: ScoreConfig) -> Curvature:
-    return get_backend(cfg.backend).curvature(model, space, batches, loss_fn, cfg)
+def _name(fn: Any) -> str:
+    return getattr(fn, "__qualname__", type(fn).__qualname__)
+
+
+def _curvature(
+    model, space, batches, loss_fn, cfg: ScoreConfig, which: str, share: float = 1.0
+) -> Curvature:
+    """The Curvature over `batches` of the `which` set ('train' or 'val'); `share`: the
+    part of that set's weight the batches hold (for num_examples of a subsample)."""
+    n = (cfg.num_examples or {}).get(which)
+    return get_backend(cfg.backend).curvature(
+        model, space, batches, loss_fn, cfg, num_examples=n if n is None else n * share
+    )
 
 
 def _gradient(model, space, train, val, loss_fn, cfg):
-    op = _curvature(model, space, train, loss_fn, cfg)
+    op = _curvature(model, space, train, loss_fn, cfg, "train")
     g, loss = op.gradient(_progress(train, cfg, "train gradient"), "training loss")
     grads = space.unflatten(g)
     theta = space.detached()
@@ -230,10 +296,14 @@ def _gradient(model, space, train, val, loss_fn, cfg):
 
 
 def _influence(model, space, train, val, loss_fn, cfg):
-    val_op = _curvature(model, space, val, loss_fn, cfg)
+    val_op = _curvature(model, space, val, loss_fn, cfg, "val")
     g_val, val_loss = val_op.gradient(_progress(val, cfg, "val gradient"), "validation loss")
     idx = solvers.sample_indices(len(train), cfg.hvp_batches, cfg.seed)
-    op = _curvature(model, space, [train[i] for i in idx], loss_fn, cfg)
+    share = 1.0
+    if len(idx) < len(train) and (cfg.num_examples or {}).get("train") is not None:
+        w = batch_weights(resolve_batch_size(loss_fn, cfg.batch_size_fn), train)
+        share = sum(w[i] for i in idx) / sum(w)
+    op = _curvature(model, space, [train[i] for i in idx], loss_fn, cfg, "train", share)
     try:
         res = _solve(op, g_val, cfg)
     finally:
@@ -248,6 +318,8 @@ def _influence(model, space, train, val, loss_fn, cfg):
         "n_batch_hvp": op.n_batch_products,
         "solver": res.stats(),
     }
+    if op.cache_decision is not None:
+        stats["graph_cache"] = op.cache_decision
     return out, stats, None
 
 
@@ -269,14 +341,14 @@ def _solve(op: Curvature, b: torch.Tensor, cfg: ScoreConfig) -> solvers.SolveRes
 
 
 def _taylor(model, space, train, val, loss_fn, cfg):
-    op = _curvature(model, space, val, loss_fn, cfg)
+    op = _curvature(model, space, val, loss_fn, cfg, "val")
     g_val, val_loss = op.gradient(_progress(val, cfg, "val gradient"), "validation loss")
     out = [-(g * p) for g, p in zip(space.unflatten(g_val), space.detached())]
     return out, {"val_loss": val_loss, "val_grad_norm": float(g_val.norm())}, None
 
 
 def _obd(model, space, train, val, loss_fn, cfg):
-    op = _curvature(model, space, val, loss_fn, cfg)
+    op = _curvature(model, space, val, loss_fn, cfg, "val")
     g_val, val_loss = op.gradient(_progress(val, cfg, "val gradient"), "validation loss")
     if cfg.probes == 0:
         diag = exact_diagonal(op, cfg.progress)

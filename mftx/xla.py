@@ -118,7 +118,10 @@ def prepare(
         missing = [n for n in params.names if n not in own]
         if missing:
             raise ValueError(f"params name parameters the model does not have: {missing[:3]}")
-        space = ParamSpace(params.names, tuple(own[n] for n in params.names), params.model_numel)
+        space = ParamSpace(
+            params.names, tuple(own[n] for n in params.names), params.model_numel,
+            params.excluded,
+        )  # fmt: skip
     dtype = space.dtype
     return (
         work,

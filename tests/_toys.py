@@ -2,14 +2,41 @@
 
 from __future__ import annotations
 
+import random
+from pathlib import Path
 from typing import List
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
+from torch.func import functional_call, hessian, jacrev
 
 import mftx
+
+POS = ["good", "great", "fine", "lovely", "superb", "warm", "funny"]
+NEG = ["bad", "awful", "dull", "boring", "weak", "cold", "flat"]
+FILL = ["the", "film", "is", "a", "movie", "and", "story", "very", "it", "was"]
+TOY_WORDS = POS + NEG + FILL
+
+
+def _sentences(n: int, seed: int):
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.randint(0, 1)
+        words = [*rng.sample(FILL, 4), rng.choice(POS if label else NEG)]
+        rng.shuffle(words)
+        rows.append((" ".join(words) + " ", label))
+    return rows
+
+
+def toy_sst2(data: Path, n_train: int = 48, n_dev: int = 24) -> Path:
+    """SST-2-format TSVs of seeded toy sentences (one sentiment word each) in `data`."""
+    data.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("train.tsv", _sentences(n_train, 0)), ("dev.tsv", _sentences(n_dev, 1))):
+        lines = ["sentence\tlabel"] + [f"{s}\t{y}" for s, y in rows]
+        (data / name).write_text("\n".join(lines) + "\n")
+    return data
 
 
 def mlp_problem(seed: int = 0, n_batches: int = 3):
@@ -79,3 +106,21 @@ def mean_loss_fn(model, space: mftx.ParamSpace, batches: List[dict], objective):
         return total / n_all
 
     return f
+
+
+def dense_ggn(model, space, batches, outputs, loss_on_outputs, weight=None):
+    """Σ_b w_b J_bᵀ H_b J_b / Σ_b w_b, dense, with jacrev and hessian (w_b: rows by default)."""
+    theta = space.flatten(space.detached())
+    total, n_all = 0.0, 0
+    for b in batches:
+
+        def out(flat, b=b):
+            return outputs(dict(zip(space.names, space.unflatten(flat))), b)
+
+        z = out(theta)
+        J = jacrev(out)(theta).reshape(z.numel(), -1)
+        Hz = hessian(lambda zz, b=b, s=z.shape: loss_on_outputs(zz.reshape(s), b))(z.reshape(-1))
+        n = b["labels"].shape[0] if weight is None else weight(b)
+        total = total + n * (J.T @ Hz @ J)
+        n_all += n
+    return (total / n_all).detach()

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
+from _toys import TOY_WORDS, toy_sst2
 from safetensors.torch import load_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -20,31 +20,12 @@ from mftx import masking
 from mftx.cli import main
 from mftx.models import make_tiny_bert
 
-POS = ["good", "great", "fine", "lovely", "superb", "warm", "funny"]
-NEG = ["bad", "awful", "dull", "boring", "weak", "cold", "flat"]
-FILL = ["the", "film", "is", "a", "movie", "and", "story", "very", "it", "was"]
-
-
-def _sentences(n: int, seed: int):
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        label = rng.randint(0, 1)
-        words = [*rng.sample(FILL, 4), rng.choice(POS if label else NEG)]
-        rng.shuffle(words)
-        rows.append((" ".join(words) + " ", label))
-    return rows
-
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
-    data = root / "sst2"
-    data.mkdir()
-    for name, rows in (("train.tsv", _sentences(48, 0)), ("dev.tsv", _sentences(24, 1))):
-        lines = ["sentence\tlabel"] + [f"{s}\t{y}" for s, y in rows]
-        (data / name).write_text("\n".join(lines) + "\n")
-    model = make_tiny_bert(root / "tiny", POS + NEG + FILL, hidden_size=16, intermediate=32)
+    data = toy_sst2(root / "sst2")
+    model = make_tiny_bert(root / "tiny", TOY_WORDS, hidden_size=16, intermediate=32)
     return root, data, model
 
 

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from _toys import mean_loss_fn, mlp_problem, tiny_bert_problem
+from _toys import dense_ggn, mean_loss_fn, mlp_problem, tiny_bert_problem
 from torch import nn
-from torch.func import functional_call, hessian, jacrev
+from torch.func import functional_call, hessian
 
 import mftx
 from mftx import solvers
@@ -120,23 +120,6 @@ def test_hvp_on_a_subset_of_batches(mlp):
     assert rel(op.matvec(v, [1]), H1 @ v) < 1e-12
 
 
-def _dense_ggn(model, space, batches, outputs, loss_on_outputs):
-    theta = space.flatten(space.detached())
-    total, n_all = 0.0, 0
-    for b in batches:
-
-        def out(flat, b=b):
-            return outputs(dict(zip(space.names, space.unflatten(flat))), b)
-
-        z = out(theta)
-        J = jacrev(out)(theta).reshape(z.numel(), -1)
-        Hz = hessian(lambda zz, b=b, s=z.shape: loss_on_outputs(zz.reshape(s), b))(z.reshape(-1))
-        n = b["labels"].shape[0]
-        total = total + n * (J.T @ Hz @ J)
-        n_all += n
-    return (total / n_all).detach()
-
-
 @pytest.mark.parametrize(
     ("mode", "cache"), [(m, False) for m in MODES] + [("double-backward", True)]
 )
@@ -147,7 +130,7 @@ def test_ggn_equals_dense_jthj(bert, mode, cache):
         inputs = {k: v for k, v in b.items() if k != "labels"}
         return functional_call(model, state, (), inputs).logits
 
-    G = _dense_ggn(model, space, train, outputs, lambda z, b: F.cross_entropy(z, b["labels"]))
+    G = dense_ggn(model, space, train, outputs, lambda z, b: F.cross_entropy(z, b["labels"]))
     assert torch.linalg.eigvalsh(G).min() > -1e-10  # PSD, as it must be
     op = mftx.Curvature(
         model, space, train, mftx.HFClassification(), curvature="ggn", mode=mode,
