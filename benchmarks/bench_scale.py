@@ -5,7 +5,7 @@ and BERT-large (eager attention, float32, the default parameter selection), one
 batch of 8 × 64 tokens. Each workload runs in its own subprocess, so peaks do not
 mix: seconds (median of up to 5 runs after a warm-up; a run longer than
 ``--budget`` is timed once), the ratio to one gradient timed in the same process
-just before (so that both see the same machine load), peak resident memory
+right after it (warm, and under the same machine load), peak resident memory
 (CPU: VmHWM, reset once the model, batch and inputs are built; CUDA: peak
 allocated) and the part of it above them ("extra").
 
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import statistics
@@ -314,8 +315,8 @@ def _timed(fn: Callable[[], Any], sync: Callable[[], None]) -> float:
 
 
 def measure(size: str, name: str, args: argparse.Namespace) -> Dict[str, Any]:
-    """Build the setting; time one gradient (the reference, in this process and under the
-    same load), then the workload (warm-up, then timed runs); seconds, ratio and peaks."""
+    """Build the setting; time the workload (warm-up, then timed runs) and then one gradient
+    (the reference, in this process, warm and under the same load); seconds, ratio, peaks."""
     import torch
 
     torch.set_num_threads(args.threads)
@@ -331,7 +332,6 @@ def measure(size: str, name: str, args: argparse.Namespace) -> Dict[str, Any]:
             fn = prepare(s)
         except Unavailable as why:
             return {**row, "available": False, "why": str(why)}
-        gradient = _timed(_gradient(s), sync)
         if cuda:
             sync()
             torch.cuda.reset_peak_memory_stats(s.device)
@@ -347,17 +347,21 @@ def measure(size: str, name: str, args: argparse.Namespace) -> Dict[str, Any]:
                 times.append(dt)
             if times and time.perf_counter() + dt > deadline:
                 break
-    seconds = statistics.median(times) / getattr(fn, "per", 1)
-    if cuda:
-        peak = torch.cuda.max_memory_allocated(s.device)
-    else:
-        peak = _rss_status().get("VmHWM") if base is not None else None
+        if cuda:
+            peak = torch.cuda.max_memory_allocated(s.device)
+        else:
+            peak = _rss_status().get("VmHWM") if base is not None else None
+        per, extra = getattr(fn, "per", 1), getattr(fn, "extra", {})
+        del fn  # its operators, graphs and vectors
+        gc.collect()
+        gradient = _timed(_gradient(s), sync)  # after the workload: warm, outside its peak
+    seconds = statistics.median(times) / per
     return {
         **row, "available": True, "seconds": seconds, "gradient_seconds": gradient,
         "ratio": seconds / gradient, "runs": len(times), "peak_bytes": peak, "base_bytes": base,
         "extra_bytes": None if peak is None or base is None else peak - base,
         "device": str(s.device), "precision": args.precision, "threads": args.threads,
-        **getattr(fn, "extra", {}),
+        **extra,
     }  # fmt: skip
 
 

@@ -272,9 +272,9 @@ def test_score_runs_through_the_backend_interface(monkeypatch):
             seen.append("prepare")
             return super().prepare(*args)
 
-        def curvature(self, *args):
+        def curvature(self, *args, **kwargs):
             seen.append("curvature")
-            return super().curvature(*args)
+            return super().curvature(*args, **kwargs)
 
     monkeypatch.setitem(backends._BACKENDS, "eager", Spy())
     got = mftx.score(model, train, val, loss_fn=objective, damping=1.0, progress=False)
