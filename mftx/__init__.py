@@ -4,9 +4,10 @@ Data flows one way: model + data → `score` → `Scores.candidates` / `flagged`
 (`mftx.ops`) → masks (`mftx.ops.mask_` / `restore_`) → evaluation → report.
 """
 
-from . import ops
+from . import ekfac, lanczos, lowrank, ops, spectra
 from .errors import NegativeCurvatureError, NonFiniteError, SolverDivergedError
 from .hvp import Curvature
+from .lowrank import LowRankInverse
 from .masking import MaskStack, masked
 from .objective import HFClassification, Objective, batch_size
 from .ops import Candidates
@@ -14,6 +15,7 @@ from .params import DEFAULT_EXCLUDE, ParamSpace, select_params
 from .scores import METHODS, Scores
 from .scoring import ScoreConfig, score
 from .solvers import SolveResult
+from .spectra import Spectrum, spectrum
 
 __version__ = "0.1.0"
 
@@ -23,6 +25,7 @@ __all__ = [
     "Candidates",
     "Curvature",
     "HFClassification",
+    "LowRankInverse",
     "MaskStack",
     "NegativeCurvatureError",
     "NonFiniteError",
@@ -32,10 +35,16 @@ __all__ = [
     "Scores",
     "SolveResult",
     "SolverDivergedError",
+    "Spectrum",
     "__version__",
     "batch_size",
+    "ekfac",
+    "lanczos",
+    "lowrank",
     "masked",
     "ops",
     "score",
     "select_params",
+    "spectra",
+    "spectrum",
 ]
