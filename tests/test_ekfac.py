@@ -153,9 +153,12 @@ def _shared_input_problem(n, seed=0, classes=3, d=4, batch=50):
     x = torch.randn(1, d, dtype=torch.float64).expand(n, d).contiguous()
     obj = mftx.Objective(lambda m, b: m(b["x"]), lambda z, b: F.cross_entropy(z, b["labels"]),
                          requires=("labels",))  # fmt: skip
-    batches = [{"x": x[i : i + 50], "labels": torch.randint(0, classes, (min(50, n - i),))}
-               for i in range(0, n, 50)]  # fmt: skip
-    return model, batches, obj
+    starts = range(0, n, batch)
+    return model, [_labelled(x[i : i + batch], classes) for i in starts], obj
+
+
+def _labelled(x, classes):
+    return {"x": x, "labels": torch.randint(0, classes, (x.shape[0],))}
 
 
 def test_ekfac_is_exact_where_the_fisher_is_kronecker():
