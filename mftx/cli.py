@@ -14,7 +14,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Union
 
 __all__ = ["main"]
 
@@ -45,6 +45,16 @@ def _words(text: str) -> List[str]:
 
 def _optional_int(text: str) -> Optional[int]:
     return None if text.lower() in ("none", "all") else int(text)
+
+
+def _damping(text: str) -> Union[float, str]:
+    """A number, or 'auto' (λ from the estimated spectrum)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
 
 
 def _setup_logging(out: Path, name: str, args: argparse.Namespace) -> Path:
@@ -98,7 +108,8 @@ def _analyze_config(args: argparse.Namespace):
     return AnalyzeConfig(
         data=args.data, train_size=args.train_size, seed=args.seed, methods=args.methods,
         ks=args.ks, batch_size=args.batch_size, lr=args.lr, damping=args.damping,
-        curvature=args.curvature, solver=args.solver, max_iter=args.max_iter, tol=args.tol,
+        curvature=args.curvature, solver=args.solver, rank=args.rank, fisher=args.fisher,
+        max_iter=args.max_iter, tol=args.tol,
         hvp_batches=args.hvp_batches, hvp_mode=args.hvp_mode,
         cache_graphs=not args.no_cache_graphs, fidelity_samples=args.fidelity_samples,
         fidelity_dtype=args.fidelity_dtype, progress=not args.no_progress,
@@ -221,6 +232,7 @@ def _data_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .experiments import DEFAULT_KS, DEFAULT_TARGETS
+    from .solvers import SOLVERS
 
     parser = argparse.ArgumentParser(
         prog="mftx", description="Mask fine-tuning of transformer classifiers."
@@ -256,10 +268,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ks", type=_ints, default=list(DEFAULT_KS), help="top-k grid")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-5, help="lr of the gradient rule")
-    p.add_argument("--damping", type=float, default=0.01)
+    p.add_argument(
+        "--damping", type=_damping, default=0.01,
+        help="λ of (H + λI), or 'auto': from the estimated spectrum (H + λI positive definite)",
+    )  # fmt: skip
     p.add_argument("--curvature", choices=["hessian", "ggn"], default="hessian")
-    p.add_argument("--solver", choices=["cg", "lissa", "explicit"], default="cg")
-    p.add_argument("--max-iter", type=int, default=100, help="CG iteration cap")
+    p.add_argument(
+        "--solver", choices=list(SOLVERS), default="cg",
+        help="cg | minres (indefinite systems) | lissa | explicit | lanczos (low-rank inverse "
+        "of --rank eigenpairs) | ekfac (Kronecker-factored Fisher)",
+    )  # fmt: skip
+    p.add_argument("--rank", type=int, default=20, help="--solver lanczos: eigenpairs kept")
+    p.add_argument(
+        "--fisher", choices=["sampled", "empirical"], default="sampled",
+        help="--solver ekfac: labels sampled from the model, or the training labels",
+    )  # fmt: skip
+    p.add_argument("--max-iter", type=int, default=100, help="CG / MINRES iteration cap")
     p.add_argument("--tol", type=float, default=1e-6)
     p.add_argument(
         "--hvp-batches", type=_optional_int, default=None, help="training batches for HVPs"

@@ -17,7 +17,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -255,11 +255,13 @@ class AnalyzeConfig:
     eval_batch_size: int = _help("dev batch size for evaluation and validation gradients", 64)
     max_length: int = _help("token truncation length", 64)
     lr: float = _help("lr of the gradient rule", 2e-5)
-    damping: float = _help("λ of (H + λI)", 0.01)
+    damping: Union[float, str] = _help("λ of (H + λI), or 'auto' (from the spectrum)", 0.01)
     curvature: str = _help("hessian | ggn", "hessian")
-    solver: str = _help("cg | lissa | explicit", "cg")
-    max_iter: int = _help("CG iteration cap", 100)
-    tol: float = _help("CG relative residual tolerance", 1e-6)
+    solver: str = _help("cg | minres | lissa | explicit | lanczos | ekfac", "cg")
+    rank: int = _help("solver='lanczos': eigenpairs kept", 20)
+    fisher: str = _help("solver='ekfac': sampled | empirical", "sampled")
+    max_iter: int = _help("CG / MINRES iteration cap", 100)
+    tol: float = _help("CG / MINRES relative residual tolerance", 1e-6)
     hvp_batches: Optional[int] = _help(
         "training batches used for HVPs (seeded subsample; None: all)"
     )
@@ -282,12 +284,14 @@ class AnalyzeConfig:
             raise ValueError("fidelity_samples must be >= 0")
         if self.fidelity_dtype not in ("float64", "float32"):
             raise ValueError("fidelity_dtype must be float64 or float32")
+        for m in self.methods:  # the scoring settings, before any work
+            self.score_config(m).validate()
 
     def score_config(self, label: str) -> ScoreConfig:
         method, curvature = parse_method(label)
         return ScoreConfig(
             method=method, solver=self.solver, curvature=curvature or self.curvature,
-            damping=self.damping,
+            damping=self.damping, rank=self.rank, fisher=self.fisher,
             max_iter=self.max_iter, tol=self.tol, lr=self.lr, hvp_mode=self.hvp_mode,
             cache_graphs=self.cache_graphs and self.hvp_mode == "double-backward",
             hvp_batches=self.hvp_batches, on_negative_curvature=self.on_negative_curvature,
@@ -315,7 +319,7 @@ def parse_method(label: str):
 
 # Config fields that change scores: a mismatch with scores on disk needs --force.
 _SCORE_KEYS = ("method", "solver", "curvature", "damping", "max_iter", "tol", "lr", "hvp_mode",
-               "hvp_batches", "n_train_batches", "n_val_batches")  # fmt: skip
+               "hvp_batches", "n_train_batches", "n_val_batches", "rank", "fisher")  # fmt: skip
 
 
 class _Checkpoint:
