@@ -261,14 +261,9 @@ def spectrum(
     hvp_mode: str = "rev-rev",
     backend: str = "eager",
     hvp_batches: Optional[int] = None,
-    steps: int = 80,
-    tol: float = 1e-3,
-    probes: int = 3,
-    probe_steps: int = 30,
-    trace: str = "slq",
-    trace_products: int = 30,
     seed: int = 0,
     progress: bool = True,
+    **lanczos: Any,
 ) -> Spectrum:
     """Estimate the spectrum of the training loss's curvature over the analysed parameters.
 
@@ -277,7 +272,9 @@ def spectrum(
     `select_params(model)`, `loss_fn` to the model's classification loss;
     `curvature` is "hessian" or "ggn"; `hvp_mode`/`backend` as in `mftx.score`
     (eager or "compile"). The model is evaluated in eval mode and left in its
-    mode. See `estimate` for the Lanczos settings and `Spectrum` for the result.
+    mode. Further keywords are `estimate`'s Lanczos settings (``steps``,
+    ``tol``, ``probes``, ``probe_steps``, ``trace``, ``trace_products``); see
+    `Spectrum` for the result.
     """
     from .hvp import Curvature
     from .objective import check_batches, default_loss
@@ -301,8 +298,7 @@ def spectrum(
                        backend=backend)  # fmt: skip
         like = space.flatten(space.detached())
         return estimate(
-            op.matvec, like, steps=steps, tol=tol, probes=probes, probe_steps=probe_steps,
-            trace=trace, trace_products=trace_products, seed=seed, progress=progress,
+            op.matvec, like, seed=seed, progress=progress, **lanczos,
             info={"curvature": curvature, "hvp_batches": len(idx), "hvp_mode": hvp_mode,
                   "dtype": str(like.dtype).replace("torch.", "")},
         )  # fmt: skip

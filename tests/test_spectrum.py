@@ -28,8 +28,8 @@ def test_spectrum_extremes_of_the_tiny_bert_hessian(bert_H):
     model, train, space, H = bert_H
     ev = torch.linalg.eigvalsh(H)
     assert ev[0] < 0 < ev[-1]  # indefinite
-    spec = mftx.spectrum(model, train, params=space, steps=80, tol=1e-6, probes=2,
-                         probe_steps=10, progress=False)  # fmt: skip
+    spec = mftx.spectrum(model, train, params=space, steps=80, tol=1e-4, probes=2,
+                         probe_steps=5, progress=False)  # fmt: skip
     assert abs(spec.lambda_min - float(ev[0])) < 1e-3
     assert abs(spec.lambda_max - float(ev[-1])) < 1e-3
     # The error bounds hold: an eigenvalue lies within them.
@@ -41,8 +41,8 @@ def test_spectrum_extremes_of_the_tiny_bert_hessian(bert_H):
     # Ritz values interlace: they lie inside [λ_min, λ_max].
     assert min(spec.ritz_values) >= float(ev[0]) - 1e-10
     assert max(spec.ritz_values) <= float(ev[-1]) + 1e-10
-    assert spec.n == space.numel and len(spec.nodes) == 2 and len(spec.nodes[1]) == 10
-    assert spec.n_matvec == len(spec.ritz_values) + 10
+    assert spec.n == space.numel and len(spec.nodes) == 2 and len(spec.nodes[1]) == 5
+    assert spec.n_matvec == len(spec.ritz_values) + 5 < 80
     assert spec.info["curvature"] == "hessian" and spec.info["hvp_batches"] == len(train)
 
 

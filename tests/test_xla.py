@@ -41,6 +41,20 @@ def problem():
     return model, train, val, space
 
 
+@pytest.fixture
+def compile_counts(monkeypatch):
+    """XLA's compile count after each solver sync (the start state, then every iteration)."""
+    counts = []
+    real_sync = xla.sync_state
+
+    def recording_sync(tensors):
+        real_sync(tensors)
+        counts.append(xla.compile_count())
+
+    monkeypatch.setattr(xla, "sync_state", recording_sync)
+    return counts
+
+
 def _flat(scores):
     return torch.cat([scores.scores[n].reshape(-1) for n in scores.names])
 
@@ -100,21 +114,13 @@ def test_hvp_on_xla_equals_eager(problem, mode):
 @pytest.mark.xla
 @needs_xla
 @pytest.mark.parametrize("compile_hvp", [False, True])
-def test_influence_on_xla_equals_eager_without_recompiling(problem, monkeypatch, compile_hvp):
+def test_influence_on_xla_equals_eager_without_recompiling(problem, compile_counts, compile_hvp):
     model, train, val, space = problem
     # H's smallest eigenvalue on this problem is -6.3: damping 10 makes H + λI positive
     # definite (condition number about 5), so CG is well posed and no step is skipped.
     kw = dict(method="influence", params=space, damping=10.0, max_iter=6, progress=False)
     eager = mftx.score(model, train, val, fixed_iterations=True, **kw)
-
-    counts = []
-    real_sync = xla.sync_state
-
-    def recording_sync(tensors):
-        real_sync(tensors)
-        counts.append(xla.compile_count())
-
-    monkeypatch.setattr(xla, "sync_state", recording_sync)
+    counts = compile_counts
     first = mftx.score(model, train, val, backend="xla", xla_compile=compile_hvp, **kw)
     # counts[0]: the start state; counts[i]: after iteration i. Warm-up compiles the
     # iteration's graph (openxla's dynamo bridge needs two calls); later iterations reuse it.
@@ -136,7 +142,7 @@ def test_influence_on_xla_equals_eager_without_recompiling(problem, monkeypatch,
 
 @pytest.mark.xla
 @needs_xla
-def test_minres_on_xla_equals_eager_without_recompiling(problem, monkeypatch):
+def test_minres_on_xla_equals_eager_without_recompiling(problem, compile_counts):
     model, train, val, space = problem
     # H's smallest eigenvalue here is -6.3: H + I is indefinite, which CG cannot solve and
     # MINRES can. Fixed iterations with the residual kept on the device, as for CG.
@@ -144,15 +150,7 @@ def test_minres_on_xla_equals_eager_without_recompiling(problem, monkeypatch):
               progress=False)  # fmt: skip
     eager = mftx.score(model, train, val, fixed_iterations=True, **kw)
     adaptive = mftx.score(model, train, val, tol=0.0, **kw)
-
-    counts = []
-    real_sync = xla.sync_state
-
-    def recording_sync(tensors):
-        real_sync(tensors)
-        counts.append(xla.compile_count())
-
-    monkeypatch.setattr(xla, "sync_state", recording_sync)
+    counts = compile_counts
     first = mftx.score(model, train, val, backend="xla", **kw)
     # counts[0]: the start state; counts[i]: after iteration i. The first iteration compiles
     # the iteration's graph; later iterations reuse it.
