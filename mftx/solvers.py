@@ -377,7 +377,8 @@ def _minres_fixed(A, b, tol, max_iter, progress, sync, t0) -> SolveResult:
     v_prev = torch.zeros_like(b)
     v = torch.where(live0, b / torch.where(live0, bn, one), zero)
     d_prev2, d_prev = torch.zeros_like(b), torch.zeros_like(b)
-    beta, c, s, dbar, eps, phibar = bn, -one, zero.clone(), zero.clone(), zero.clone(), bn
+    # Distinct tensors (no aliases: XLA would compile the first iteration's graph twice).
+    beta, c, s, dbar, eps, phibar = bn, -one, zero.clone(), zero.clone(), zero.clone(), bn.clone()
     t_norm = zero.clone()  # running estimate of ‖T‖, the scale of "exactly zero"
     tiny = 10 * torch.finfo(dt).eps
     finite = torch.ones((), dtype=torch.bool, device=b.device)  # every product finite so far
