@@ -274,9 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--curvature", choices=["hessian", "ggn"], default="hessian")
     p.add_argument(
-        "--solver", choices=list(SOLVERS), default="cg",
-        help="cg | minres (indefinite systems) | lissa | explicit | lanczos (low-rank inverse "
-        "of --rank eigenpairs) | ekfac (Kronecker-factored Fisher)",
+        "--solver", choices=list(SOLVERS), default="minres",
+        help="minres (default: (H + λI) s = g as written, indefinite or not) | cg | lissa | "
+        "explicit | lanczos (low-rank inverse of --rank eigenpairs) | ekfac (Kronecker-factored "
+        "Fisher)",
     )  # fmt: skip
     p.add_argument("--rank", type=int, default=20, help="--solver lanczos: eigenpairs kept")
     p.add_argument(

@@ -257,7 +257,7 @@ class AnalyzeConfig:
     lr: float = _help("lr of the gradient rule", 2e-5)
     damping: Union[float, str] = _help("λ of (H + λI), or 'auto' (from the spectrum)", 0.01)
     curvature: str = _help("hessian | ggn", "hessian")
-    solver: str = _help("cg | minres | lissa | explicit | lanczos | ekfac", "cg")
+    solver: str = _help("minres | cg | lissa | explicit | lanczos | ekfac", "minres")
     rank: int = _help("solver='lanczos': eigenpairs kept", 20)
     fisher: str = _help("solver='ekfac': sampled | empirical", "sampled")
     max_iter: int = _help("CG / MINRES iteration cap", 100)
@@ -456,7 +456,7 @@ def _brief(s: Scores) -> str:
     if not solver:
         return "no solve"
     return (
-        f"{solver['iterations']} CG iterations, relative residual "
+        f"{solver['iterations']} {solver['solver']} iterations, relative residual "
         f"{solver['relative_residual']:.2e}, {solver['reason']}"
     )
 

@@ -50,7 +50,7 @@ class ScoreConfig:
     solver: str = _help(
         "inverse-HVP solver: cg | minres (indefinite systems) | lissa | explicit | lanczos "
         "(low-rank inverse from eigenpairs) | ekfac (Kronecker-factored Fisher, no products)",
-        "cg",
+        "minres",
     )
     curvature: str = _help("hessian | ggn (generalised Gauss-Newton, PSD)", "hessian")
     damping: Union[float, str] = _help(
@@ -175,7 +175,7 @@ def score(
     method: str = "influence",
     params: Optional[ParamSpace] = None,
     loss_fn: Optional[Callable] = None,
-    solver: str = "cg",
+    solver: str = "minres",
     curvature: str = "hessian",
     damping: Union[float, str] = 0.01,
     max_iter: int = 100,

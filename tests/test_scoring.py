@@ -492,11 +492,34 @@ def test_negative_curvature_in_scoring(bert, bert_dense):
     model, train, val, space = bert
     assert float(torch.linalg.eigvalsh(bert_dense).min()) < 0  # an indefinite Hessian
     with pytest.raises(mftx.NegativeCurvatureError):
-        mftx.score(model, train, val, params=space, damping=0.0, max_iter=500, tol=1e-14,
-                   progress=False)  # fmt: skip
-    s = mftx.score(model, train, val, params=space, damping=0.0, max_iter=500, tol=1e-14,
-                   on_negative_curvature="stop", progress=False)  # fmt: skip
+        mftx.score(model, train, val, params=space, solver="cg", damping=0.0, max_iter=500,
+                   tol=1e-14, progress=False)  # fmt: skip
+    s = mftx.score(model, train, val, params=space, solver="cg", damping=0.0, max_iter=500,
+                   tol=1e-14, on_negative_curvature="stop", progress=False)  # fmt: skip
     assert s.stats["solver"]["negative_curvature"]
+
+
+def test_defaults_give_finite_scores_on_an_indefinite_hessian(bert, bert_dense):
+    """`mftx.score(model, train, val)` as a user first calls it: MINRES on H + 0.01 I."""
+    model, train, val, space = bert
+    ev = torch.linalg.eigvalsh(bert_dense)
+    assert ev[0] + 0.01 < 0  # indefinite even after the default damping
+    s = mftx.score(model, train, val, params=space, progress=False)
+    flat = _flat(s, space)
+    assert torch.isfinite(flat).all() and flat.abs().max() > 0
+    st = s.stats["solver"]
+    assert st["solver"] == "minres" and s.stats["damping"] == 0.01
+    assert st["iterations"] <= 100 and st["n_matvec"] <= 101
+    # H + 0.01 I is nearly singular here (an eigenvalue of H at -0.0099986): 100 iterations
+    # leave a residual, reported honestly (recomputed from x) and close to what MINRES on the
+    # dense matrix reaches (the iterates themselves differ by rounding on such a system).
+    theta = space.flatten(space.detached())
+    g_val = torch.func.grad(mean_loss_fn(model, space, val, None))(theta).detach()
+    dense = solvers.minres(lambda v: bert_dense @ v, g_val, 0.01)
+    assert not st["converged"] and st["true_residual"] < 0.1
+    assert st["true_residual"] == pytest.approx(st["residuals"][-1], rel=1e-3)
+    assert st["true_residual"] == pytest.approx(dense.true_residual, rel=0.2)
+    assert st["residuals"] == sorted(st["residuals"], reverse=True)  # never grows
 
 
 def test_bert_base_layout_summary():

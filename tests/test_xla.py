@@ -118,7 +118,8 @@ def test_influence_on_xla_equals_eager_without_recompiling(problem, compile_coun
     model, train, val, space = problem
     # H's smallest eigenvalue on this problem is -6.3: damping 10 makes H + λI positive
     # definite (condition number about 5), so CG is well posed and no step is skipped.
-    kw = dict(method="influence", params=space, damping=10.0, max_iter=6, progress=False)
+    kw = dict(method="influence", params=space, solver="cg", damping=10.0, max_iter=6,
+              progress=False)  # fmt: skip
     eager = mftx.score(model, train, val, fixed_iterations=True, **kw)
     counts = compile_counts
     first = mftx.score(model, train, val, backend="xla", xla_compile=compile_hvp, **kw)
