@@ -625,7 +625,7 @@ def test_solver_settings_are_validated(mlp, opts, message):
         mftx.score(model, train, val, params=space, loss_fn=obj, progress=False, **opts)
 
 
-@pytest.mark.parametrize("solver", ["minres", "lanczos", "explicit", "lissa"])
+@pytest.mark.parametrize("solver", ["minres", "lanczos", "explicit", "lissa", "ekfac"])
 def test_solvers_on_the_compile_backend_match_eager(mlp, solver):
     model, train, val, obj, space = mlp
     torch._dynamo.reset()
