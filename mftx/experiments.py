@@ -287,11 +287,17 @@ class AnalyzeConfig:
         for m in self.methods:  # the scoring settings, before any work
             self.score_config(m).validate()
 
-    def score_config(self, label: str) -> ScoreConfig:
+    def score_config(self, label: str, out: Optional[Path] = None) -> ScoreConfig:
+        """The scoring settings of method `label`; with `out` (the checkpoint's output
+        directory) solver='lanczos' keeps its eigenpairs there (lowrank-<label>.safetensors),
+        so a rerun with another validation set or damping costs no curvature product."""
         method, curvature = parse_method(label)
+        lowrank = None
+        if out is not None and self.solver == "lanczos" and method == "influence":
+            lowrank = str(Path(out) / f"lowrank-{label}.safetensors")
         return ScoreConfig(
             method=method, solver=self.solver, curvature=curvature or self.curvature,
-            damping=self.damping, rank=self.rank, fisher=self.fisher,
+            damping=self.damping, rank=self.rank, fisher=self.fisher, lowrank_file=lowrank,
             max_iter=self.max_iter, tol=self.tol, lr=self.lr, hvp_mode=self.hvp_mode,
             cache_graphs=self.cache_graphs and self.hvp_mode == "double-backward",
             hvp_batches=self.hvp_batches, on_negative_curvature=self.on_negative_curvature,
@@ -410,7 +416,7 @@ def analyze(
 
 def _scores(ck: _Checkpoint, space, method: str, cfg: AnalyzeConfig, force: bool) -> Scores:
     path = ck.out / f"scores-{method}.safetensors"
-    scfg = cfg.score_config(method)  # method: a label such as 'influence-ggn'
+    scfg = cfg.score_config(method, ck.out)  # method: a label such as 'influence-ggn'
     if path.exists() and not force:
         s = Scores.load(path)
         want = {**asdict(scfg), "n_train_batches": len(ck.train), "n_val_batches": len(ck.val)}

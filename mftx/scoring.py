@@ -374,6 +374,8 @@ def _lowrank_solve(op: Curvature, b: torch.Tensor, cfg: ScoreConfig, stats: dict
         inv = LowRankInverse.load(path)
         inv.check_space(space.names, space.numels)
         saved = {k: inv.info.get(k) for k in setting}
+        if inv.rank != cfg.rank:
+            raise ValueError(f"{path} holds {inv.rank} eigenpairs; rank={cfg.rank} was asked for")
         if saved != setting:
             raise ValueError(f"{path} holds eigenpairs computed with {saved}, not {setting}")
         loaded = True

@@ -203,6 +203,9 @@ def test_analyze_solver_options(tmp_path, capsys):
     cfg = _analyze_config(args)
     scfg = cfg.score_config("influence-ggn")
     assert (scfg.damping, scfg.solver, scfg.rank, scfg.curvature) == ("auto", "lanczos", 7, "ggn")
+    assert scfg.lowrank_file is None  # kept with a run only when its directory is known
+    kept = cfg.score_config("influence-ggn", tmp_path / "ckpt-60").lowrank_file
+    assert kept == str(tmp_path / "ckpt-60" / "lowrank-influence-ggn.safetensors")
     args = build_parser().parse_args(["analyze", str(tmp_path), "--damping", "0.5", "--solver",
                                       "ekfac", "--fisher", "empirical", "--out", "o"])  # fmt: skip
     scfg = _analyze_config(args).score_config("influence")

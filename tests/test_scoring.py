@@ -603,6 +603,8 @@ def test_lanczos_solver_saves_eigenpairs_and_reuses_them(tmp_path, bert, bert_de
     assert rel(_flat(again, space), want(new_val, 0.2)) < 1e-7
     with pytest.raises(ValueError, match="computed with"):
         mftx.score(model, train, val, curvature="ggn", **kw)
+    with pytest.raises(ValueError, match="holds 8 eigenpairs"):
+        mftx.score(model, train, val, **{**kw, "rank": 5})
     other = mftx.select_params(model, include=[r"layer\.1\.output\.dense\.bias"])
     with pytest.raises(ValueError, match="another parameter space"):
         mftx.score(model, train, val, **{**kw, "params": other})
