@@ -57,6 +57,19 @@ def _damping(text: str) -> Union[float, str]:
         raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
 
 
+class _RelativeFormatter(logging.Formatter):
+    """Log lines with absolute paths made relative to the log's directory."""
+
+    def __init__(self, fmt: str, root: Path) -> None:
+        super().__init__(fmt)
+        self.root = root
+
+    def format(self, record: logging.LogRecord) -> str:
+        from .fileio import relativize_text
+
+        return relativize_text(super().format(record), self.root)
+
+
 def _setup_logging(out: Path, name: str, args: argparse.Namespace) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.log"
@@ -65,7 +78,7 @@ def _setup_logging(out: Path, name: str, args: argparse.Namespace) -> Path:
     _close_logging()
     fh = logging.FileHandler(path)
     fh.setLevel(logging.DEBUG)
-    fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    fh.setFormatter(_RelativeFormatter("%(asctime)s %(levelname)s %(message)s", out))
     sh = logging.StreamHandler(sys.stderr)
     sh.setLevel(logging.INFO if args.verbose else logging.WARNING)
     sh.setFormatter(logging.Formatter("mftx: %(message)s"))
@@ -94,7 +107,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         model=args.model, data=args.data, train_size=args.train_size, batch_size=args.batch_size,
         lr=args.lr, weight_decay=args.weight_decay, epochs=args.epochs,
         max_length=args.max_length, targets=args.targets, eval_every=args.eval_every,
-        seed=args.seed, prefix=args.prefix, progress=not args.no_progress,
+        seed=args.seed, prefix=args.prefix, schedule=args.schedule, warmup_ratio=args.warmup_ratio,
+        state_every=args.state_every, progress=not args.no_progress,
     )  # fmt: skip
     _setup_logging(Path(args.out), "finetune", args)
     summary = finetune(cfg, Path(args.out), force=args.force)
@@ -103,7 +117,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def _analyze_config(args: argparse.Namespace):
-    from .experiments import AnalyzeConfig
+    from .analysis import AnalyzeConfig
 
     return AnalyzeConfig(
         data=args.data, train_size=args.train_size, seed=args.seed, methods=args.methods,
@@ -135,37 +149,30 @@ def _expand_checkpoints(paths: Sequence[str]) -> List[Path]:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from .experiments import analyze
+    from .analysis import analyze
     from .report import format_tables, load_run
 
     cfg = _analyze_config(args)
     cfg.validate()
     ckpts = _expand_checkpoints(args.checkpoints)
     _setup_logging(Path(args.out), "analyze", args)
-    command = args.command_line
-    analyze(ckpts, cfg, Path(args.out), force=args.force, command=command)
+    analyze(ckpts, cfg, Path(args.out), force=args.force, command=args.command_args)
     print(format_tables(load_run(Path(args.out))))
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import format_tables, load_run, write_report
+    from .report import format_tables, load, write_report
 
     path = write_report(Path(args.run_dir), Path(args.out) if args.out else None)
-    print(format_tables(load_run(Path(args.run_dir))))
+    print(format_tables(load(Path(args.run_dir))))
     print(f"\nreport written to {path}")
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .experiments import (
-        AnalyzeConfig,
-        FinetuneConfig,
-        analyze,
-        checkpoints_of,
-        describe_finetune,
-        finetune,
-    )
+    from .analysis import AnalyzeConfig, analyze
+    from .experiments import FinetuneConfig, checkpoints_of, describe_finetune, finetune
     from .report import format_tables, load_run, write_report
 
     out = Path(args.out)
@@ -197,8 +204,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         fidelity_samples=args.fidelity_samples, fidelity_dtype="float32",
         progress=not args.no_progress,
     )  # fmt: skip
-    command = args.command_line
-    analyze(ckpts, cfg, out / "analysis", force=args.force, command=command)
+    analyze(ckpts, cfg, out / "analysis", force=args.force, command=args.command_args)
     path = write_report(out / "analysis")
     print(format_tables(load_run(out / "analysis")))
     print(f"\nreport: {path}  ({(time.perf_counter() - t0) / 60:.1f} min)")
@@ -231,13 +237,16 @@ def _data_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .experiments import DEFAULT_KS, DEFAULT_TARGETS
+    from .analysis import DEFAULT_KS
+    from .experiments import DEFAULT_TARGETS
     from .solvers import SOLVERS
 
     parser = argparse.ArgumentParser(
-        prog="mftx", description="Mask fine-tuning of transformer classifiers."
+        prog="mftx", description="Mask fine-tuning of transformer classifiers.", allow_abbrev=False
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    add = sub.add_parser
+    sub.add_parser = lambda *a, **kw: add(*a, allow_abbrev=False, **kw)  # type: ignore[method-assign]
 
     p = sub.add_parser("finetune", help="fine-tune and save a checkpoint per accuracy target")
     p.add_argument("--model", default="minilm", help="model name or path ('minilm': embedded)")
@@ -253,8 +262,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=4, help="evaluate every N steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prefix", default="ckpt", help="checkpoint names: PREFIX-<target %%>")
+    p.add_argument(
+        "--schedule", choices=["constant", "linear"], default="constant",
+        help="learning rate: constant, or linear warmup then linear decay to 0",
+    )  # fmt: skip
+    p.add_argument("--warmup-ratio", type=float, default=0.0, help="share of steps warming up")
+    p.add_argument(
+        "--state-every", type=int, default=0, metavar="N",
+        help="save the training state every N steps (at an evaluation) so that an interrupted "
+        "run resumes there; 0: never",
+    )  # fmt: skip
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--force", action="store_true", help="redo a completed run")
+    p.add_argument("--force", action="store_true", help="fine-tune again over a completed run")
     _common(p)
     p.set_defaults(func=cmd_finetune)
 
@@ -296,13 +315,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fidelity-samples", type=int, default=500)
     p.add_argument("--fidelity-dtype", choices=["float64", "float32"], default="float64")
     p.add_argument("--out", required=True)
-    p.add_argument("--force", action="store_true", help="recompute what is on disk")
+    p.add_argument(
+        "--force", action="store_true",
+        help="recompute every stage, even results on disk computed with the same settings "
+        "(without it: reuse those, compute what is missing, refuse other settings)",
+    )  # fmt: skip
     _common(p)
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("report", help="tables, CSV/JSON and plots of an analysis run")
-    p.add_argument("run_dir")
-    p.add_argument("--out", default=None, help="default: RUN_DIR/report")
+    p.add_argument("run_dir", help="an analysis --out directory, or a report's results.json")
+    p.add_argument("--out", default=None, help="default: RUN_DIR/report (results.json: its dir)")
     _common(p)
     p.set_defaults(func=cmd_report)
 
@@ -316,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hvp-batches", type=int, default=4)
     p.add_argument("--max-iter", type=int, default=20)
     p.add_argument("--fidelity-samples", type=int, default=40)
-    p.add_argument("--force", action="store_true")
+    p.add_argument("--force", action="store_true", help="recompute everything")
     _common(p)
     p.set_defaults(func=cmd_demo)
 
@@ -327,11 +350,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Options whose value is a path (recorded relative to the output directory).
+PATH_OPTIONS = ("--data", "--out")
+
+
+def command_args(argv: Sequence[str], cwd: Optional[Path] = None) -> List[Union[str, Path]]:
+    """``mftx`` and `argv`, with path arguments as absolute `Path` objects.
+
+    Paths are the positional arguments (checkpoint and run directories), the
+    values of `PATH_OPTIONS`, and a ``--model`` value that names a directory;
+    relative ones are taken relative to `cwd` (default: the working directory).
+    """
+    base = Path.cwd() if cwd is None else Path(cwd)
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    command = list(argv[:1])
+    options = sub.choices[argv[0]]._option_string_actions if argv else {}
+    out: List[Union[str, Path]] = ["mftx", *command]
+    pending: Optional[str] = None
+    for token in argv[1:]:
+        if pending is not None:
+            is_path = pending in PATH_OPTIONS or (pending == "--model" and (base / token).is_dir())
+            out.append(base / token if is_path else token)
+            pending = None
+        elif token.startswith("--") and "=" in token:
+            opt, _, value = token.partition("=")
+            out += [opt, base / value if opt in PATH_OPTIONS else value]
+        elif token in options:
+            out.append(token)
+            pending = token if options[token].nargs != 0 else None
+        else:
+            out.append(base / token)  # every positional argument of mftx is a path
+    return out
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.command_line = "mftx " + " ".join(shlex.quote(a) for a in argv)
+    args.command_args = command_args(argv)
     try:
         return args.func(args)
     except KeyboardInterrupt:

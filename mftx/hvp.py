@@ -32,6 +32,7 @@ from torch import nn
 from torch.func import functional_call, grad, grad_and_value, jvp, vjp
 
 from .errors import NonFiniteError
+from .indexing import FlatIndex
 from .objective import Objective, batch_size
 from .params import ParamSpace
 
@@ -267,10 +268,7 @@ class Curvature:
         return vec, counts
 
     def _where(self, flat: int):
-        ends = torch.tensor(self.space.numels).cumsum(0)
-        t = int(torch.searchsorted(ends, torch.tensor(flat), right=True))
-        start = int(ends[t]) - self.space.numels[t]
-        return self.space.locate(t, flat - start)
+        return self.space.locate(*FlatIndex(self.space.numels).split(flat))
 
     # ------------------------------------------------------------------ products
     def _batch_product(self, i: int, params: Params, v: Params) -> Tuple[torch.Tensor, ...]:

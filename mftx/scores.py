@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -10,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import ops
+from . import fileio, ops
 from .ops import Candidates
 
 __all__ = ["METHODS", "Scores"]
@@ -123,7 +122,6 @@ class Scores:
     def save(self, path: Union[str, Path]) -> Path:
         """Write a safetensors file; method, config and stats go in its JSON metadata."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         meta = {
             "format": _FORMAT,
             "method": self.method,
@@ -134,9 +132,9 @@ class Scores:
         tensors = {
             f"score.{i}": t.detach().contiguous().cpu() for i, t in enumerate(self.tensors())
         }
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"mftx": json.dumps(meta, default=_jsonable)})
-        tmp.replace(path)  # atomic: an interrupted save leaves no half file
+        text = fileio.dumps(meta, path.parent)
+        with fileio.atomic_target(path) as tmp:  # an interrupted save leaves no half file
+            save_file(tensors, str(tmp), metadata={"mftx": text})
         return path
 
     @classmethod
@@ -150,21 +148,11 @@ class Scores:
                 raise ValueError(
                     f"{path} is a safetensors file but not mftx scores (no 'mftx' metadata)"
                 )
-            meta = json.loads(header["mftx"])
+            meta = fileio.loads(header["mftx"], path.parent)
             if meta.get("format") != _FORMAT:
                 raise ValueError(f"{path}: unsupported scores format {meta.get('format')!r}")
             scores = {n: f.get_tensor(f"score.{i}") for i, n in enumerate(meta["names"])}
         return cls(meta["method"], scores, meta["config"], meta["stats"])
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, (torch.dtype, torch.device, Path)):
-        return str(x)
-    if isinstance(x, torch.Tensor) and x.numel() == 1:
-        return x.item()
-    if isinstance(x, (set, tuple)):
-        return list(x)
-    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
 def from_space(method: str, names: Sequence[str], tensors: Sequence[torch.Tensor], **kw) -> Scores:

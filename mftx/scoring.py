@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Union
 
@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import ekfac, ops, solvers, spectra
+from .backends import BACKENDS, get_backend
 from .hvp import CURVATURES, MODES, Curvature
 from .objective import check_batches, default_loss
 from .params import ParamSpace, select_params
@@ -34,8 +35,6 @@ from .scores import METHODS, Scores
 __all__ = ["ScoreConfig", "score"]
 
 log = logging.getLogger("mftx")
-
-BACKENDS = ("eager", "compile", "xla")
 
 
 def _help(text: str, default: Any) -> Any:
@@ -136,10 +135,7 @@ class ScoreConfig:
         if self.probes < 0:
             raise ValueError(f"probes must be >= 0 (0: exact diagonal), got {self.probes}")
         ops._checks.lr_value(self.lr)
-        if self.backend == "xla":
-            from . import xla
-
-            xla.check_config(self)
+        get_backend(self.backend).check(self)
 
     @classmethod
     def help(cls) -> str:
@@ -216,15 +212,11 @@ def score_with_config(
     loss_fn: Optional[Callable] = None,
 ) -> Scores:
     cfg.validate()
+    backend = get_backend(cfg.backend)
     need_train, need_val = _needs(cfg.method)
     train_b = _materialise(train, "train", need_train)
     val_b = _materialise(val, "val", need_val)
-    if cfg.backend == "xla":
-        from . import xla  # optional dependency: torch_xla
-
-        xla.require_xla()
-        model, train_b, val_b, params = xla.prepare(model, train_b, val_b, params)
-        cfg = replace(cfg, fixed_iterations=True)
+    model, train_b, val_b, params, cfg = backend.prepare(model, train_b, val_b, params, cfg)
     space = params if params is not None else select_params(model)
     frozen = [n for n, p in space if not p.requires_grad]
     if frozen and cfg.method != "magnitude":
@@ -247,12 +239,11 @@ def score_with_config(
     t0 = time.perf_counter()
     try:
         tensors, stats, fused = _METHODS[cfg.method](model, space, train_b, val_b, loss_fn, cfg)
-    except RuntimeError as exc:
-        if cfg.backend == "xla" and "device_ready_queues_" in str(exc):
-            from . import xla
-
-            raise RuntimeError(xla.ENGINE_HINT) from exc
-        raise
+    except Exception as exc:
+        clearer = backend.explain(exc)
+        if clearer is None:
+            raise
+        raise clearer from exc
     finally:
         model.train(was_training)
     tensors = [t.detach().cpu() for t in tensors]
@@ -268,19 +259,7 @@ def score_with_config(
 
 
 def _curvature(model, space, batches, loss_fn, cfg: ScoreConfig) -> Curvature:
-    backend = cfg.backend
-    if backend == "xla":
-        backend = "openxla" if cfg.xla_compile else "eager"  # eager here: lazy XLA tensors
-    op = Curvature(
-        model, space, batches, loss_fn, curvature=cfg.curvature, mode=cfg.hvp_mode,
-        backend=backend, cache_graphs=cfg.cache_graphs,
-        check_finite=not cfg.fixed_iterations, distributed=cfg.distributed,
-    )  # fmt: skip
-    if cfg.backend == "xla":
-        from . import xla
-
-        op.sync = xla.sync_state
-    return op
+    return get_backend(cfg.backend).curvature(model, space, batches, loss_fn, cfg)
 
 
 def _gradient(model, space, train, val, loss_fn, cfg):

@@ -60,8 +60,9 @@ class SolveResult:
     true_residual: Optional[float] = None
 
     @property
-    def relative_residual(self) -> float:
-        return self.residuals[-1] if self.residuals else float("nan")
+    def relative_residual(self) -> Optional[float]:
+        """The last residual; None where a solver has none (EK-FAC solves its own system)."""
+        return self.residuals[-1] if self.residuals else None
 
     def stats(self) -> dict:
         d = asdict(self)

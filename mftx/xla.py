@@ -141,6 +141,17 @@ ENGINE_HINT = (
 )
 
 
+def explain_error(exc: BaseException) -> Optional[BaseException]:
+    """The error to raise instead of `exc` when it is a known torch_xla failure, else None.
+
+    torch_xla 2.9 reports autograd having run before its device was set up only
+    as an internal assert of the autograd engine (``device_ready_queues_``).
+    """
+    if isinstance(exc, RuntimeError) and "device_ready_queues_" in str(exc):
+        return RuntimeError(ENGINE_HINT)
+    return None
+
+
 def compile_count() -> int:
     """How many XLA graphs torch_xla has compiled so far in this process."""
     import torch_xla.debug.metrics as met

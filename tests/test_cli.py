@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 
@@ -80,44 +81,56 @@ def test_finetune_saves_reached_targets_and_says_which_were_not(finetuned, capsy
     assert "NOT reached" in capsys.readouterr().out
 
 
-def _analyze(root, data, finetuned, out, *extra):
+METHODS = "gradient,influence,influence-ggn,taylor"
+
+
+def _analyze(data, finetuned, out, *extra, methods=METHODS, ks="5,50,500", samples="12"):
     return _run(
         "analyze", str(finetuned), "--data", str(data), "--train-size", "32",
-        "--batch-size", "8", "--ks", "5,50,500", "--methods", "gradient,influence,influence-ggn,taylor",
-        "--damping", "1.0", "--max-iter", "30", "--fidelity-samples", "12",
+        "--batch-size", "8", "--ks", ks, "--methods", methods,
+        "--damping", "1.0", "--max-iter", "30", "--fidelity-samples", samples,
         "--out", str(out), *extra,
     )  # fmt: skip
 
 
-def test_analyze_report_and_resume(workspace, finetuned, capsys, tmp_path):
+@pytest.fixture(scope="module")
+def analyzed(workspace, finetuned):
+    """One complete analysis of the reached checkpoint; tests work on copies of it."""
     root, data, _ = workspace
     ckpt = next(p for p in finetuned.iterdir() if (p / "mftx.json").is_file())
-    weights_before = {k: v.clone() for k, v in load_file(ckpt / "model.safetensors").items()}
+    weights = {k: v.clone() for k, v in load_file(ckpt / "model.safetensors").items()}
     out = root / "an"
-    assert _analyze(root, data, finetuned, out) == 0
-    printed = capsys.readouterr().out
-    assert "false-positive rate" in printed and "Spearman" in printed
+    assert _analyze(data, finetuned, out) == 0
+    return out, ckpt, weights
 
+
+def _json(path):
+    return json.loads(path.read_text())
+
+
+def test_analyze_writes_every_stage_and_the_report(workspace, finetuned, analyzed, capsys):
+    out, ckpt, weights_before = analyzed
     ck = out / ckpt.name
-    for f in ("checkpoint.json", "overlap.json", "fidelity.json", "scores-influence.safetensors",
+    for f in ("checkpoint.json", "fidelity.json", "scores-influence.safetensors",
               "sweep-gradient.json", "sweep-influence.json", "sweep-taylor.json",
               "scores-influence-ggn.safetensors", "sweep-influence-ggn.json",
-              "solve-influence.json", "solve-gradient.json"):  # fmt: skip
+              "scores-influence.json", "scores-gradient.json", "overlap-influence.json",
+              "overlap-influence-ggn.json"):  # fmt: skip
         assert (ck / f).is_file(), f
-    sweep = json.loads((ck / "sweep-influence.json").read_text())
+    for f in ck.glob("*.json"):
+        rec = _json(f)
+        assert rec["format"].startswith("mftx.") and rec["state"] == "complete", f
+        assert rec["inputs"] and all(len(v) == 64 for v in rec["inputs"].values()), f
+    sweep = _json(ck / "sweep-influence.json")["result"]
     assert [p["k"] for p in sweep["points"]] == [5, 50, 500] and sweep["restored_bitwise"]
-    overlap = json.loads((ck / "overlap.json").read_text())
+    overlap = _json(ck / "overlap-influence.json")["result"]
     G, B, both = overlap["gradient_flagged"], overlap["influence_beneficial"], overlap["both"]
     assert 0 <= both <= min(G, B) and overlap["false_positive_rate"] == pytest.approx(
         (G - both) / G
     )
-    fid = json.loads((ck / "fidelity.json").read_text())
-    assert len(fid["samples"]) == 12 and set(fid["summary"]) == {
-        "gradient",
-        "influence",
-        "influence-ggn",
-        "taylor",
-    }
+    fid = _json(ck / "fidelity.json")["result"]
+    assert len(fid["samples"]) == 12
+    assert set(fid["summary"]) == {"gradient", "influence", "influence-ggn", "taylor"}
 
     # The checkpoint on disk is untouched by the analysis.
     after = load_file(ckpt / "model.safetensors")
@@ -126,30 +139,11 @@ def test_analyze_report_and_resume(workspace, finetuned, capsys, tmp_path):
         for k, v in weights_before.items()
     )
 
-    # Interrupt: drop the last sweep point and half the fidelity samples, then resume.
-    full_sweep = json.loads((ck / "sweep-influence.json").read_text())
-    cut = dict(full_sweep, points=full_sweep["points"][:1])
-    (ck / "sweep-influence.json").write_text(json.dumps(cut))
-    full_fid = json.loads((ck / "fidelity.json").read_text())
-    (ck / "fidelity.json").write_text(
-        json.dumps({"n_samples": 12, "samples": full_fid["samples"][:6], "summary": None})
-    )
-    mtime = (ck / "scores-influence.safetensors").stat().st_mtime_ns
-    assert _analyze(root, data, finetuned, out) == 0
-    assert (ck / "scores-influence.safetensors").stat().st_mtime_ns == mtime  # not recomputed
-    assert json.loads((ck / "sweep-influence.json").read_text()) == full_sweep
-    resumed = json.loads((ck / "fidelity.json").read_text())
-    assert resumed["samples"] == full_fid["samples"] and resumed["summary"] == full_fid["summary"]
-
-    # Different settings do not silently reuse scores.
-    assert _analyze(root, data, finetuned, out, "--damping", "2.0") == 1
-    assert "rerun with --force" in capsys.readouterr().err
-
     assert _run("report", str(out)) == 0
     rep = out / "report"
     md = (rep / "report.md").read_text()
     assert "mftx analyze" in md and ckpt.name in md
-    solve = json.loads((ck / "solve-influence-ggn.json").read_text())
+    solve = _json(ck / "scores-influence-ggn.json")["result"]
     assert solve["curvature"] == "ggn" and solve["iterations"] >= 1
     assert "## Inverse-HVP solves" in md and "| influence-ggn | ggn |" in md
     assert (rep / "results.csv").read_text().count("\n") == 1 + 4 * 3
@@ -157,13 +151,235 @@ def test_analyze_report_and_resume(workspace, finetuned, capsys, tmp_path):
     assert ggn.method == "influence" and ggn.config["curvature"] == "ggn"
     assert overlap["influence_method"] == "influence"
     # The overlap against the GGN variant, computed from its own scores.
-    ov_ggn = json.loads((ck / "overlap-influence-ggn.json").read_text())
+    ov_ggn = _json(ck / "overlap-influence-ggn.json")["result"]
     assert ov_ggn["influence_method"] == "influence-ggn"
     gflag = mftx.Scores.load(ck / "scores-gradient.safetensors").flagged()
     assert ov_ggn["gradient_flagged"] == G == len(gflag)
     assert ov_ggn["influence_beneficial"] == len(ggn.flagged())
     assert "## Overlap of gradient-flagged" in md and f"| {ckpt.name} | influence-ggn |" in md
     assert (rep / f"accuracy-{ckpt.name}.png").read_bytes()[:4] == b"\x89PNG"
+    # The report rebuilds from its results.json alone, to the same files.
+    again = out / "again"
+    assert _run("report", str(rep / "results.json"), "--out", str(again)) == 0
+    for name in ("results.json", "results.csv", "report.md"):
+        assert (again / name).read_text() == (rep / name).read_text(), name
+
+
+def test_outputs_hold_no_absolute_path(workspace, finetuned, analyzed):
+    """Every file finetune, analyze and report wrote (logs included) is free of the
+    machine's paths: they are relative to the run, report or checkpoint directory."""
+    root, _, _ = workspace
+    out, _, _ = analyzed
+    assert _run("report", str(out)) == 0
+    checked = 0
+    for directory in (finetuned, out):
+        for f in directory.rglob("*"):
+            if f.is_file() and f.suffix != ".png":
+                data = f.read_bytes()
+                if f.suffix == ".safetensors":  # the JSON header
+                    data = data[8 : 8 + int.from_bytes(data[:8], "little")]
+                assert str(root).encode() not in data, f
+                assert b"/tmp/" not in data, f
+                checked += 1
+    assert checked > 20
+    cmd = _json(out / "analysis.json")["command"]
+    assert cmd[:3] == ["mftx", "analyze", "../ft"] and cmd[cmd.index("--out") + 1] == "."
+
+
+# ---------------------------------------------------------------- resuming
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts of the expensive steps of `analyze`: scoring, evaluations, zeroings."""
+    import mftx.analysis as analysis
+    import mftx.fidelity as fidelity
+
+    counts = {"score": [], "evaluate": 0, "delta": 0}
+    real_score, real_eval = analysis.score_with_config, analysis.evaluate
+    real_delta = fidelity.ZeroingEvaluator.delta
+
+    def score(model, train, val, cfg, **kw):
+        counts["score"].append(cfg.method if cfg.curvature == "hessian" else "influence-ggn")
+        return real_score(model, train, val, cfg, **kw)
+
+    def evaluate(*args):
+        counts["evaluate"] += 1
+        return real_eval(*args)
+
+    def delta(self, t, f):
+        counts["delta"] += 1
+        return real_delta(self, t, f)
+
+    monkeypatch.setattr(analysis, "score_with_config", score)
+    monkeypatch.setattr(analysis, "evaluate", evaluate)
+    monkeypatch.setattr(fidelity.ZeroingEvaluator, "delta", delta)
+    return counts
+
+
+def _copy(analyzed, tmp_path):
+    out = tmp_path / "an"
+    shutil.copytree(analyzed[0], out)
+    return out, out / analyzed[1].name
+
+
+def _files(ck):
+    """File name -> (inode, mtime): an atomic rewrite changes the inode."""
+    return {f.name: (f.stat().st_ino, f.stat().st_mtime_ns) for f in ck.iterdir()}
+
+
+def _results(path):
+    return _json(path)["result"]
+
+
+def test_rerun_reuses_every_stage(workspace, finetuned, analyzed, tmp_path, calls):
+    out, ck = _copy(analyzed, tmp_path)
+    before = _files(ck)
+    assert _analyze(workspace[1], finetuned, out) == 0
+    assert calls == {"score": [], "evaluate": 0, "delta": 0}
+    assert _files(ck) == before
+
+
+def test_added_method_computes_only_its_stages(workspace, finetuned, tmp_path, calls):
+    from mftx.fidelity import choose_samples
+
+    data = workspace[1]
+    out = tmp_path / "an"
+    assert _analyze(data, finetuned, out, methods="gradient,influence", ks="5,50") == 0
+    ck = next(p for p in out.iterdir() if p.is_dir())
+    before = _files(ck)
+    old_keys = {
+        (s["tensor_index"], s["flat_index"]) for s in _results(ck / "fidelity.json")["samples"]
+    }
+    calls.update(score=[], evaluate=0, delta=0)
+    assert _analyze(data, finetuned, out, methods="gradient,influence,taylor", ks="5,50") == 0
+    assert calls["score"] == ["taylor"] and calls["evaluate"] == 2  # its sweep, nothing else
+    after = _files(ck)
+    changed = {f for f in after if before.get(f) != after[f]}
+    assert changed == {"scores-taylor.json", "scores-taylor.safetensors", "sweep-taylor.json",
+                       "fidelity.json"}  # fmt: skip
+    fid = _results(ck / "fidelity.json")
+    keys = {(s["tensor_index"], s["flat_index"]) for s in fid["samples"]}
+    assert calls["delta"] == len(keys - old_keys) <= 2  # taylor's share of the top half
+    assert set(fid["summary"]) == {"gradient", "influence", "taylor"}
+    # The same samples a fresh run would choose.
+    scores = {
+        m: mftx.Scores.load(ck / f"scores-{m}.safetensors")
+        for m in ("gradient", "influence", "taylor")
+    }
+    from mftx.indexing import FlatIndex
+
+    layout = FlatIndex.of(scores["gradient"].tensors())
+    fresh = {layout.split(g) for g in choose_samples(scores, 12)}
+    assert keys == fresh
+
+
+def test_new_k_evaluates_only_that_point(workspace, finetuned, analyzed, tmp_path, calls):
+    out, ck = _copy(analyzed, tmp_path)
+    old = _results(ck / "sweep-influence.json")["points"]
+    assert _analyze(workspace[1], finetuned, out, ks="5,20,50,500") == 0
+    assert calls == {"score": [], "evaluate": 4, "delta": 0}  # one point per method
+    new = _results(ck / "sweep-influence.json")["points"]
+    assert [p["k"] for p in new] == [5, 20, 50, 500]
+    assert [p for p in new if p["k"] != 20] == old
+
+
+def test_more_fidelity_samples_measure_only_the_new_ones(
+    workspace, finetuned, analyzed, tmp_path, calls
+):
+    out, ck = _copy(analyzed, tmp_path)
+    old = {
+        (s["tensor_index"], s["flat_index"]): s["actual"]
+        for s in _results(ck / "fidelity.json")["samples"]
+    }
+    assert _analyze(workspace[1], finetuned, out, samples="16") == 0
+    assert calls == {"score": [], "evaluate": 0, "delta": 4}
+    new = {
+        (s["tensor_index"], s["flat_index"]): s["actual"]
+        for s in _results(ck / "fidelity.json")["samples"]
+    }
+    assert len(new) == 16 and {k: new[k] for k in old} == old
+
+
+def _interrupt_after(monkeypatch, owner, name, n):
+    real = getattr(owner, name)
+    count = [0]
+
+    def wrapped(*args):
+        if count[0] == n:
+            raise KeyboardInterrupt
+        count[0] += 1
+        return real(*args)
+
+    monkeypatch.setattr(owner, name, wrapped)
+
+
+def test_interrupted_fidelity_resumes(workspace, finetuned, analyzed, tmp_path, monkeypatch):
+    import mftx.fidelity as fidelity
+
+    out, ck = _copy(analyzed, tmp_path)
+    full = _results(ck / "fidelity.json")
+    (ck / "fidelity.json").unlink()
+    with monkeypatch.context() as m:
+        _interrupt_after(m, fidelity.ZeroingEvaluator, "delta", 5)
+        assert _analyze(workspace[1], finetuned, out) == 130
+    partial = _json(ck / "fidelity.json")
+    assert partial["state"] == "partial" and len(partial["result"]["samples"]) == 5
+    counts = {"n": 0}
+    real = fidelity.ZeroingEvaluator.delta
+    monkeypatch.setattr(
+        fidelity.ZeroingEvaluator, "delta",
+        lambda self, t, f: counts.__setitem__("n", counts["n"] + 1) or real(self, t, f),
+    )  # fmt: skip
+    assert _analyze(workspace[1], finetuned, out) == 0
+    assert counts["n"] == 7
+    assert _results(ck / "fidelity.json") == full
+
+
+def test_interrupted_sweep_resumes(workspace, finetuned, analyzed, tmp_path, monkeypatch, calls):
+    import mftx.analysis as analysis
+
+    out, ck = _copy(analyzed, tmp_path)
+    full = _results(ck / "sweep-taylor.json")
+    (ck / "sweep-taylor.json").unlink()
+    with monkeypatch.context() as m:
+        _interrupt_after(m, analysis, "evaluate", 1)
+        assert _analyze(workspace[1], finetuned, out) == 130
+    partial = _json(ck / "sweep-taylor.json")
+    assert partial["state"] == "partial" and [p["k"] for p in partial["result"]["points"]] == [5]
+    calls.update(evaluate=0)
+    assert _analyze(workspace[1], finetuned, out) == 0
+    assert calls == {"score": [], "evaluate": 2, "delta": 0}
+    assert _results(ck / "sweep-taylor.json") == full
+
+
+def test_other_settings_are_refused_naming_them(
+    workspace, finetuned, analyzed, tmp_path, capsys, calls
+):
+    out, ck = _copy(analyzed, tmp_path)
+    before, index = _files(ck), (out / "analysis.json").read_text()
+    assert _analyze(workspace[1], finetuned, out, "--damping", "2.0") == 1
+    err = capsys.readouterr().err
+    assert "damping = 1.0 on disk, 2.0 now" in err and "--force" in err
+    assert "scores-gradient.json" in err  # the first stage that uses it
+    assert calls == {"score": [], "evaluate": 0, "delta": 0} and _files(ck) == before
+    assert (out / "analysis.json").read_text() == index  # still describes the records
+    # Other data for the same checkpoint name: refused, naming the input.
+    assert _run("analyze", str(finetuned), "--data", str(workspace[1]), "--train-size", "24",
+                "--methods", "gradient", "--out", str(out)) == 1  # fmt: skip
+    err = capsys.readouterr().err
+    assert "train_size = 32 on disk, 24 now" in err and "input 'train' differs" in err
+
+
+def test_force_recomputes_everything(workspace, finetuned, analyzed, tmp_path, calls):
+    out, ck = _copy(analyzed, tmp_path)
+    before = _files(ck)
+    assert _analyze(workspace[1], finetuned, out, "--damping", "2.0", "--force") == 0
+    assert sorted(calls["score"]) == sorted(METHODS.split(","))
+    assert calls["evaluate"] == 1 + 4 * 3 and calls["delta"] == 12
+    after = _files(ck)
+    assert all(after[f] != before[f] for f in before)
+    assert _json(ck / "scores-influence.json")["settings"]["score"]["damping"] == 2.0
 
 
 def test_sweep_leaves_weights_bitwise_unchanged(workspace, finetuned):

@@ -1,4 +1,4 @@
-"""Tests of mftx.report on synthetic run directories built from Python dicts."""
+"""Tests of mftx.report on synthetic run directories written with the run records."""
 
 from __future__ import annotations
 
@@ -9,83 +9,88 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import numpy as np
 import pytest
 
-from mftx import report
-from mftx.report import (
-    RunFormatError,
+from mftx import fileio
+from mftx.records import (
+    Baseline,
+    CheckpointInfo,
+    Fidelity,
+    FidelitySample,
+    FidelityStats,
+    Overlap,
+    RunIndex,
+    ScoresInfo,
+    StageRecord,
+    Sweep,
     SweepPoint,
     best_point,
+)
+from mftx.report import (
+    RunFormatError,
     format_tables,
+    load_results,
     load_run,
-    pearson,
-    spearman,
+    render_markdown,
+    run_to_dict,
     write_report,
 )
+from mftx.report import tables as report
 
 TOTAL = 22_713_986
 ANALYSED = 10_637_568
-COMMAND = "mftx analyze ckpts/ckpt-60 ckpts/ckpt-75 --data sst2 --out run"
+COMMAND = ["mftx", "analyze", "ckpts/ckpt-60", "--data", "sst2", "--out", "run"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 # --------------------------------------------------------------------------- helpers
 
 
-def checkpoint_json(name: str, accuracy: float, target: Optional[float] = 0.6) -> Dict[str, Any]:
-    """A checkpoint.json document."""
-    return {
-        "name": name,
-        "path": f"/abs/ckpts/{name}",
-        "target": target,
-        "metadata": {"accuracy": accuracy, "loss": 0.66, "step": 40, "seed": 0},
-        "baseline": {"accuracy": accuracy, "loss": 0.66, "n": 872},
-        "total_params": TOTAL,
-        "analysed_params": ANALYSED,
-    }
+def rec(kind: str, result: Any, state: str = "complete") -> StageRecord:
+    return StageRecord(kind, {"data": {"max_length": 64}}, {"weights": "0" * 64}, state, result)
 
 
-def sweep_json(method: str, baseline: float, points: List[tuple]) -> Dict[str, Any]:
-    """A sweep-<method>.json document; points are (k, removed, accuracy, loss)."""
-    return {
-        "method": method,
-        "baseline": {"accuracy": baseline, "loss": 0.66},
-        "points": [{"k": k, "removed": r, "accuracy": a, "loss": lo} for k, r, a, lo in points],
-        "restored_bitwise": True,
-    }
+def checkpoint_rec(name: str, accuracy: float, target: Optional[float] = 0.6) -> StageRecord:
+    info = CheckpointInfo(
+        name=name,
+        path=Path("/abs/ckpts") / name,
+        target=target,
+        baseline=Baseline(accuracy, 0.66, 872),
+        total_params=TOTAL,
+        analysed_params=ANALYSED,
+        metadata={"accuracy": accuracy, "loss": 0.66, "step": 40, "seed": 0},
+    )
+    return rec("checkpoint", info)
 
 
-def overlap_json(g: int, b: int, both: int) -> Dict[str, Any]:
-    """An overlap.json document (FPR NaN when G == 0, as the analysis writes it)."""
-    return {
-        "gradient_flagged": g,
-        "influence_beneficial": b,
-        "both": both,
-        "false_positive_rate": (g - both) / g if g else math.nan,
-        "analysed_params": ANALYSED,
-    }
+def sweep_rec(method: str, baseline: float, points: List[tuple], **kw: Any) -> StageRecord:
+    """A sweep record; points are (k, removed, accuracy, loss)."""
+    sweep = Sweep(
+        method, Baseline(baseline, 0.66), [SweepPoint(*p) for p in points], kw.get("restored", True)
+    )
+    return rec("sweep", sweep, kw.get("state", "complete"))
 
 
-def fidelity_json(summary: Dict[str, tuple]) -> Dict[str, Any]:
-    """A fidelity.json document; summary maps method to (spearman, pearson, sign, n)."""
-    return {
-        "n_samples": 2,
-        "samples": [
-            {
-                "name": "bert.encoder.layer.0.attention.self.query.weight",
-                "tensor_index": 0,
-                "flat_index": 12,
-                "origin": "random",
-                "actual": 1.2e-6,
-                "predicted": {"gradient": 1.0e-6, "influence": 1.1e-6},
-            }
-        ],
-        "summary": {
-            m: {"spearman": s, "pearson": p, "sign_agreement": g, "n": n}
-            for m, (s, p, g, n) in summary.items()
-        },
-    }
+def overlap_rec(g: int, b: int, both: int, method: str = "influence") -> StageRecord:
+    return rec(
+        "overlap", Overlap.of_counts(g, b, both, analysed_params=ANALYSED, influence_method=method)
+    )
+
+
+def fidelity_rec(summary: Dict[str, tuple], state: str = "complete") -> StageRecord:
+    """summary maps method to (spearman, pearson, sign, n)."""
+    sample = FidelitySample(
+        "bert.encoder.layer.0.attention.self.query.weight", 0, 12, 0.01, 1.2e-6, "random",
+        {"gradient": 1.0e-6, "influence": 1.1e-6},
+    )  # fmt: skip
+    stats = {m: FidelityStats(m, *v) for m, v in summary.items()}
+    return rec("fidelity", Fidelity("float64", 2, [sample], stats, 0.66), state)
+
+
+def solve_rec(method: str, iterations: int, residual: float, reason: str) -> StageRecord:
+    info = ScoresInfo(method, f"scores-{method}.safetensors", "f" * 64, 79.4, "hessian", 0.01,
+                      16, iterations, residual, False, reason, 3)  # fmt: skip
+    return rec("scores", info)
 
 
 def make_run(
@@ -94,23 +99,25 @@ def make_run(
     *,
     config: Optional[Dict[str, Any]] = None,
     names: Optional[List[str]] = None,
-    fmt: str = "mftx.analysis/1",
+    fmt: Optional[str] = None,
 ) -> Path:
-    """Create RUN_DIR under ``root`` from {checkpoint: {file name: document or raw text}}."""
+    """Create RUN_DIR under ``root`` from {checkpoint: {file stem: record or raw text}}."""
     run_dir = root / "run"
-    run_dir.mkdir()
-    index = {
-        "format": fmt,
-        "config": config if config is not None else {"methods": ["gradient", "influence"]},
-        "command": COMMAND,
-        "checkpoints": names if names is not None else list(checkpoints),
-    }
-    (run_dir / "analysis.json").write_text(json.dumps(index))
+    run_dir.mkdir(parents=True)
+    config = config if config is not None else {"methods": ["gradient", "influence"]}
+    index = RunIndex(config, names if names is not None else list(checkpoints), list(COMMAND))
+    doc = index.to_json()
+    if fmt is not None:
+        doc["format"] = fmt
+    fileio.write_json(run_dir / "analysis.json", doc)
     for name, files in checkpoints.items():
         (run_dir / name).mkdir()
-        for file, doc in files.items():
-            text = doc if isinstance(doc, str) else json.dumps(doc)
-            (run_dir / name / file).write_text(text)
+        for stem, doc in files.items():
+            path = run_dir / name / f"{stem}.json"
+            if isinstance(doc, str):
+                path.write_text(doc)
+            else:
+                fileio.write_json(path, doc, root=run_dir)
     return run_dir
 
 
@@ -132,12 +139,12 @@ SWEEPS_75 = {
 
 
 def full_checkpoint(name: str, base: float, sweeps: Dict[str, list], overlap: tuple) -> dict:
-    """All files of a fully analysed checkpoint."""
-    files: Dict[str, Any] = {"checkpoint.json": checkpoint_json(name, base)}
+    """All records of a fully analysed checkpoint."""
+    files: Dict[str, Any] = {"checkpoint": checkpoint_rec(name, base)}
     for method, points in sweeps.items():
-        files[f"sweep-{method}.json"] = sweep_json(method, base, points)
-    files["overlap.json"] = overlap_json(*overlap)
-    files["fidelity.json"] = fidelity_json(
+        files[f"sweep-{method}"] = sweep_rec(method, base, points)
+    files["overlap-influence"] = overlap_rec(*overlap)
+    files["fidelity"] = fidelity_rec(
         {"gradient": (0.5, 0.4, 0.7, 500), "influence": (0.8, math.nan, 0.9, 500)}
     )
     return files
@@ -172,11 +179,13 @@ def test_load_run_reads_everything(run_dir: Path) -> None:
     assert c60.baseline.accuracy == 0.6 and c60.baseline.n == 872
     assert c60.total_params == TOTAL and c60.analysed_params == ANALYSED
     assert c60.metadata["step"] == 40 and c60.target == 0.6
+    assert c60.path == Path("/abs/ckpts/ckpt-60")  # relative on disk, absolute in memory
     assert set(c60.sweeps) == {"gradient", "influence"}
     assert [p.k for p in c60.sweeps["influence"].points] == [100, 500, 1000]
     assert c60.overlap.both == 10
     assert c60.fidelity.summary["influence"].spearman == 0.8
-    assert math.isnan(c60.fidelity.summary["influence"].pearson)
+    assert math.isnan(c60.fidelity.summary["influence"].pearson)  # restored from null
+    assert math.isnan(run.checkpoints[1].overlap.false_positive_rate)
     assert run.incomplete() == []
 
 
@@ -191,14 +200,17 @@ def test_missing_analysis_json(tmp_path: Path) -> None:
 
 
 def test_wrong_format(tmp_path: Path) -> None:
-    run_dir = make_run(tmp_path, {}, fmt="mftx.analysis/9")
+    run_dir = make_run(tmp_path / "a", {}, fmt="mftx.analysis/9")
     with pytest.raises(RunFormatError, match=r"analysis\.json.*mftx\.analysis/9"):
         load_run(run_dir)
+    old = make_run(tmp_path / "b", {}, fmt="mftx.analysis/1")
+    with pytest.raises(RunFormatError, match=r"older mftx.*--force"):
+        load_run(old)
 
 
 def test_malformed_json_names_the_file(tmp_path: Path) -> None:
     files = full_checkpoint("ckpt-60", 0.6, SWEEPS_60, (40, 100, 10))
-    files["sweep-gradient.json"] = '{"method": "gradient", "points": ['
+    files["sweep-gradient"] = '{"format": "mftx.sweep/1", "points": ['
     run_dir = make_run(tmp_path, {"ckpt-60": files})
     with pytest.raises(RunFormatError) as info:
         load_run(run_dir)
@@ -208,15 +220,34 @@ def test_malformed_json_names_the_file(tmp_path: Path) -> None:
 
 def test_missing_field_names_the_file(tmp_path: Path) -> None:
     files = full_checkpoint("ckpt-60", 0.6, SWEEPS_60, (40, 100, 10))
-    del files["overlap.json"]["both"]
+    doc = json.loads(fileio.dumps(files["overlap-influence"]))
+    del doc["result"]["both"]
+    files["overlap-influence"] = json.dumps(doc)
     run_dir = make_run(tmp_path, {"ckpt-60": files})
-    with pytest.raises(RunFormatError, match=r"overlap\.json: missing field 'both'"):
+    with pytest.raises(RunFormatError, match=r"overlap-influence\.json: missing field 'both'"):
         load_run(run_dir)
 
 
-def test_missing_files_reported_as_incomplete(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{"method": "gradient", "points": []}', r"no 'format' field.*--force"),
+        ('{"format": "mftx.sweep/7"}', r"mftx\.sweep/7.*reads mftx\.sweep/1"),
+        ('{"format": "mftx.overlap/1"}', r"holds a 'mftx\.overlap/1' record, expected mftx\.sweep"),
+    ],
+)
+def test_old_or_foreign_records_are_refused(tmp_path: Path, text: str, message: str) -> None:
+    files = full_checkpoint("ckpt-60", 0.6, SWEEPS_60, (40, 100, 10))
+    files["sweep-gradient"] = text
+    with pytest.raises(RunFormatError, match=message):
+        load_run(make_run(tmp_path, {"ckpt-60": files}))
+
+
+def test_missing_and_partial_files_reported_as_incomplete(tmp_path: Path) -> None:
     partial = full_checkpoint("ckpt-75", 0.75, SWEEPS_75, (0, 7, 0))
-    del partial["sweep-gradient.json"], partial["fidelity.json"], partial["overlap.json"]
+    del partial["sweep-gradient"], partial["fidelity"], partial["overlap-influence"]
+    partial["sweep-influence"] = sweep_rec("influence", 0.75, SWEEPS_75["influence"][:1],
+                                           state="partial", restored=None)  # fmt: skip
     run_dir = make_run(
         tmp_path,
         {"ckpt-60": full_checkpoint("ckpt-60", 0.6, SWEEPS_60, (40, 100, 10)), "ckpt-75": partial},
@@ -224,9 +255,10 @@ def test_missing_files_reported_as_incomplete(tmp_path: Path) -> None:
     )
     run = load_run(run_dir)
     incomplete = run.incomplete()
-    assert any(line.startswith("ckpt-75: sweep-gradient.json missing") for line in incomplete)
+    assert "ckpt-75: sweep-gradient.json missing (no gradient masking sweep)" in incomplete
+    assert "ckpt-75: sweep-influence.json is partial (k = 100 so far)" in incomplete
     assert any(line.startswith("ckpt-75: fidelity.json missing") for line in incomplete)
-    assert any(line.startswith("ckpt-75: overlap.json missing") for line in incomplete)
+    assert any(line.startswith("ckpt-75: overlap-influence.json missing") for line in incomplete)
     assert any(line.startswith("ckpt-85: directory") for line in incomplete)
     assert not any(line.startswith("ckpt-60") for line in incomplete)
 
@@ -242,9 +274,20 @@ def test_missing_files_reported_as_incomplete(tmp_path: Path) -> None:
     assert (out / "accuracy-ckpt-85.png").is_file()
 
 
+def test_partial_fidelity_and_disabled_fidelity(tmp_path: Path) -> None:
+    files = full_checkpoint("ckpt-60", 0.6, SWEEPS_60, (40, 100, 10))
+    files["fidelity"] = fidelity_rec({}, state="partial")
+    run = load_run(make_run(tmp_path / "a", {"ckpt-60": files}))
+    assert run.incomplete() == ["ckpt-60: fidelity.json is partial (1 of 2 samples measured)"]
+    del files["fidelity"]
+    config = {"methods": ["gradient", "influence"], "fidelity_samples": 0}
+    run = load_run(make_run(tmp_path / "b", {"ckpt-60": files}, config=config))
+    assert run.incomplete() == []  # fidelity was not asked for
+
+
 def test_unrestored_sweep_is_flagged(tmp_path: Path) -> None:
     files = full_checkpoint("ckpt-60", 0.6, SWEEPS_60, (40, 100, 10))
-    files["sweep-influence.json"]["restored_bitwise"] = False
+    files["sweep-influence"] = sweep_rec("influence", 0.6, SWEEPS_60["influence"], restored=False)
     run = load_run(make_run(tmp_path, {"ckpt-60": files}))
     assert any("NOT restored bit for bit" in line for line in run.incomplete())
 
@@ -296,29 +339,31 @@ def test_overlap_table_and_zero_g(run_dir: Path) -> None:
 
 def test_overlap_with_influence_variants(tmp_path: Path) -> None:
     files = full_checkpoint("ckpt-60", 0.6, SWEEPS_60, (40, 100, 10))
-    files["overlap-influence-ggn.json"] = {
-        **overlap_json(40, 60, 30),
-        "influence_method": "influence-ggn",
-    }
+    files["overlap-influence-ggn"] = overlap_rec(40, 60, 30, "influence-ggn")
     run_dir = make_run(tmp_path, {"ckpt-60": files})
     run = load_run(run_dir)
     ckpt = run.checkpoints[0]
     assert set(ckpt.overlap_variants) == {"influence-ggn"}
-    assert ckpt.overlap.influence_method is None  # not recorded in that file
+    assert ckpt.primary_influence == "influence"
     rows = table_rows(report.overlap_variants_table(run))
     assert rows == [["ckpt-60", "influence-ggn", "40", "60", "30", "25.0 %"]]
-    doc = report.run_to_dict(run)["checkpoints"][0]
-    assert doc["overlap_variants"]["influence-ggn"]["both"] == 30
-    md = report.render_markdown(run, plots=None)
+    doc = run_to_dict(run)["checkpoints"][0]
+    assert doc["records"]["overlap-influence-ggn"]["result"]["both"] == 30
+    md = render_markdown(run, None, tmp_path)
     assert "other influence variants" in md and "| ckpt-60 | influence-ggn | 40 |" in md
-    assert "## Overlap with the other influence variants" in report.format_tables(run)
+    assert "## Overlap with the other influence variants" in format_tables(run)
+    # Without plain influence the first variant is the main table's.
+    (run_dir / "ckpt-60" / "overlap-influence.json").unlink()
+    only = load_run(run_dir).checkpoints[0]
+    assert only.primary_influence == "influence-ggn" and only.overlap_variants == {}
     # Without variant files there is no extra table anywhere.
     (run_dir / "ckpt-60" / "overlap-influence-ggn.json").unlink()
     bare = load_run(run_dir)
     assert report.overlap_variants_table(bare) == ""
-    assert "other influence variants" not in report.render_markdown(bare, plots=None)
+    assert "other influence variants" not in render_markdown(bare, None, tmp_path)
     # A malformed method name is a format error naming the file.
-    bad = {**overlap_json(1, 1, 1), "influence_method": 3}
+    bad = json.loads(fileio.dumps(overlap_rec(1, 1, 1)))
+    bad["result"]["influence_method"] = 3
     (run_dir / "ckpt-60" / "overlap-influence-ggn.json").write_text(json.dumps(bad))
     with pytest.raises(RunFormatError, match=r"overlap-influence-ggn\.json.*influence_method"):
         load_run(run_dir)
@@ -331,6 +376,17 @@ def test_fidelity_table(run_dir: Path) -> None:
         ["ckpt-60", "gradient", "0.500", "0.400", "70.0 %", "500"],
     ]
     assert len(rows) == 4
+
+
+def test_solve_table(tmp_path: Path) -> None:
+    files = full_checkpoint("ckpt-60", 0.6, SWEEPS_60, (40, 100, 10))
+    files["scores-influence"] = solve_rec("influence", 1, 24.8, "non-positive curvature")
+    gradient = ScoresInfo("gradient", "scores-gradient.safetensors", "e" * 64, 1.0)
+    files["scores-gradient"] = rec("scores", gradient)  # no solve: not in the table
+    run = load_run(make_run(tmp_path, {"ckpt-60": files}))
+    assert table_rows(report.solve_table(run)) == [
+        ["ckpt-60", "influence", "hessian", "1", "2.48e+01", "non-positive curvature", "79"]
+    ]
 
 
 def test_format_tables(run_dir: Path) -> None:
@@ -346,13 +402,17 @@ def test_write_report_files(run_dir: Path) -> None:
     out = write_report(run_dir)
     assert out == run_dir / "report"
     text = (out / "report.md").read_text()
-    assert COMMAND in text
+    assert " ".join(["mftx", "analyze", "ckpts/ckpt-60"]) in text
+    ckpt_path = fileio.relative("/abs/ckpts/ckpt-60", out)
+    assert ckpt_path.startswith("../") and ckpt_path.endswith("/abs/ckpts/ckpt-60")
+    assert "Run directory: `..`" in text and f"`{ckpt_path}`" in text
     assert "![ckpt-60](accuracy-ckpt-60.png)" in text
     assert "![all checkpoints](accuracy-all.png)" in text
     assert "Nothing missing." in text
     for name in ("accuracy-ckpt-60.png", "accuracy-ckpt-75.png", "accuracy-all.png"):
         data = (out / name).read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 5_000, name
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*"))
 
 
 def test_csv_rows(run_dir: Path, tmp_path: Path) -> None:
@@ -377,22 +437,37 @@ def test_csv_rows(run_dir: Path, tmp_path: Path) -> None:
     assert rows[1:] == expected
 
 
-def test_json_roundtrip(run_dir: Path) -> None:
+def test_results_json_is_strict_and_rebuilds_the_report(run_dir: Path, tmp_path: Path) -> None:
     out = write_report(run_dir)
-    doc = json.loads((out / "results.json").read_text())  # strict: NaN written as null
-    assert doc["format"] == "mftx.report/1" and doc["command"] == COMMAND
+    text = (out / "results.json").read_text()
+    doc = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard token {c}"))
+    assert doc["format"] == "mftx.report/2" and doc["analysis"]["command"] == COMMAND
+    assert doc["run_dir"] == ".."
     c60, c75 = doc["checkpoints"]
-    assert c60["baseline"] == {"accuracy": 0.6, "loss": 0.66, "n": 872}
-    points = c60["sweeps"]["influence"]["points"]
+    info = c60["records"]["checkpoint"]["result"]
+    assert info["baseline"] == {"accuracy": 0.6, "loss": 0.66, "n": 872}
+    assert info["path"] == fileio.relative("/abs/ckpts/ckpt-60", out)
+    points = c60["records"]["sweep-influence"]["result"]["points"]
     assert [(p["k"], p["removed"], p["accuracy"], p["loss"]) for p in points] == [
         tuple(p) for p in SWEEPS_60["influence"]
     ]
-    assert c60["sweeps"]["influence"]["best"]["k"] == 500
+    assert c60["masking"][0]["best"]["k"] == 500
     assert c60["masking"][0]["improvement_points"] == pytest.approx(2.5)
-    assert c75["overlap"]["false_positive_rate"] is None
-    assert c60["fidelity"]["summary"]["influence"]["pearson"] is None
-    assert c60["fidelity"]["samples"][0]["flat_index"] == 12
+    # NaN is written as null, and where and why is recorded.
+    assert c75["records"]["overlap-influence"]["result"]["false_positive_rate"] is None
+    ptr = "/checkpoints/1/records/overlap-influence/result/false_positive_rate"
+    assert doc["non_finite"][ptr] == "nan"
     assert doc["incomplete"] == []
+    # Rebuilt from results.json alone (another directory): the same tables and files.
+    run = load_results(out / "results.json")
+    assert math.isnan(run.checkpoints[1].overlap.false_positive_rate)
+    assert format_tables(run) == format_tables(load_run(run_dir))
+    again = write_report(out / "results.json", tmp_path / "x" / "y")
+    assert (again / "results.csv").read_text() == (out / "results.csv").read_text()
+    tables = [(d / "report.md").read_text().split("## Masking")[1] for d in (out, again)]
+    assert tables[0] == tables[1]  # (the paths above them differ: other directory)
+    # The run directory, relative to the new report.
+    assert json.loads((again / "results.json").read_text())["run_dir"] == "../../run"
 
 
 def test_report_without_matplotlib(run_dir: Path, monkeypatch, caplog) -> None:
@@ -405,43 +480,16 @@ def test_report_without_matplotlib(run_dir: Path, monkeypatch, caplog) -> None:
     assert "matplotlib is not installed" in (out / "report.md").read_text()
 
 
-# --------------------------------------------------------------------------- statistics
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "results"
 
 
-def test_pearson_hand_computed() -> None:
-    # x - mean = (-1, 0, 1), y - mean = (-2, -1, 3): r = 5 / sqrt(2 * 14)
-    assert pearson([1, 2, 3], [1, 2, 6]) == pytest.approx(5 / math.sqrt(28))
-    assert pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+def test_committed_results_are_portable_and_rebuild_their_report() -> None:
+    """docs/results names no machine path, and its report.md is what its results.json gives."""
+    import re
 
-
-def test_spearman_with_ties_hand_computed() -> None:
-    # ranks x = (1, 2.5, 2.5, 4), y = (1, 2, 3, 4): deviations (-1.5, 0, 0, 1.5) and
-    # (-1.5, -0.5, 0.5, 1.5): r = 4.5 / sqrt(4.5 * 5)
-    assert spearman([1, 2, 2, 3], [10, 20, 30, 40]) == pytest.approx(4.5 / math.sqrt(22.5))
-    assert spearman([1, 2, 3, 4], [1, 4, 9, 16]) == pytest.approx(1.0)
-    np.testing.assert_array_equal(report.average_ranks([3, 1, 3, 2]), [3.5, 1, 3.5, 2])
-
-
-def test_constant_and_degenerate_input_is_nan() -> None:
-    assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
-    assert math.isnan(pearson([1, 2, 3], [0.1, 0.1, 0.1]))
-    assert math.isnan(pearson([1.0], [2.0]))
-    assert math.isnan(spearman([1, math.nan, 3], [1, 2, 3]))
-    with pytest.raises(ValueError, match="same length"):
-        pearson([1, 2], [1, 2, 3])
-
-
-def test_accepts_tensors() -> None:
-    torch = pytest.importorskip("torch")
-    x = torch.tensor([0.3, 0.1, 0.2], dtype=torch.float32)
-    assert spearman(x, torch.tensor([3.0, 1.0, 2.0])) == pytest.approx(1.0)
-
-
-def test_against_scipy() -> None:
-    stats = pytest.importorskip("scipy.stats")
-    rng = np.random.default_rng(0)
-    for _ in range(5):
-        x = rng.integers(0, 6, size=40).astype(float)  # many ties
-        y = x + rng.normal(size=40)
-        assert spearman(x, y) == pytest.approx(stats.spearmanr(x, y)[0], abs=1e-12)
-        assert pearson(x, y) == pytest.approx(stats.pearsonr(x, y)[0], abs=1e-12)
+    for f in DOCS.iterdir():
+        if f.suffix in (".json", ".md", ".csv", ".sh"):
+            assert not re.search(r"(?<![\w.])/(work|root|home|tmp|Users)/", f.read_text()), f
+    run = load_results(DOCS / "results.json")
+    assert [c.name for c in run.checkpoints] == ["ckpt-60", "ckpt-75", "ckpt10k-85"]
+    assert render_markdown(run, [], DOCS) == (DOCS / "report.md").read_text()

@@ -7,6 +7,7 @@ cd "$(dirname "$0")/../.."
 DATA="${MFTX_DATA:-$(cd .. && pwd)/shared/data/sst2}"
 OUT="${1:-runs/full}"
 MFTX="${MFTX:-.venv/bin/mftx}"
+PYTHON="${PYTHON:-.venv/bin/python}"
 
 # 1. The reference recipe: 1,000 training rows, batch 16, AdamW lr 2e-5, up to 6 epochs.
 "$MFTX" finetune --model minilm --data "$DATA" --train-size 1000 --batch-size 16 --lr 2e-5 \
@@ -21,6 +22,9 @@ MFTX="${MFTX:-.venv/bin/mftx}"
   --methods gradient,influence,influence-ggn --ks 100,500,1000,5000,10000,50000,100000 \
   --damping 0.01 --hvp-batches 16 --max-iter 100 --fidelity-samples 500 --out "$OUT/analysis"
 # 4. Tables, CSV/JSON and plots.
+#    Paths in every written file are relative to its directory; copy_json re-expresses them.
 "$MFTX" report "$OUT/analysis" --out docs/results
-cp "$OUT/finetune-1k/finetune.json" docs/results/finetune-1k.json
-cp "$OUT/finetune-10k/finetune.json" docs/results/finetune-10k.json
+for n in 1k 10k; do
+  "$PYTHON" -c 'import sys; from mftx.fileio import copy_json; copy_json(*sys.argv[1:])' \
+    "$OUT/finetune-$n/finetune.json" "docs/results/finetune-$n.json"
+done

@@ -13,6 +13,7 @@ from typing import List, Sequence, Tuple
 
 import torch
 
+from ..indexing import FlatIndex
 from . import _checks
 from ._candidates import Candidates
 
@@ -49,10 +50,8 @@ def _to_candidates(
     index = index[order]
     value = flat[index].to(torch.float32).cpu()
     index = index.cpu()
-    ends = torch.tensor([t.numel() for t in tensors], dtype=torch.int64).cumsum(0)
-    tensor_index = torch.searchsorted(ends, index, right=True)
-    starts = ends - torch.tensor([t.numel() for t in tensors], dtype=torch.int64)
-    return Candidates(tensor_index, index - starts[tensor_index], value)
+    tensor_index, flat_index = FlatIndex.of(tensors).split(index)
+    return Candidates(tensor_index, flat_index, value)
 
 
 def topk(tensors: Sequence[torch.Tensor], k: int, largest: bool = True) -> Candidates:
