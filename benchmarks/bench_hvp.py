@@ -24,8 +24,10 @@ Groups:
   MINRES on H + λI (indefinite; the reference formula), CG on H + λ_auto I
   (``damping="auto"``: Lanczos, then CG); the low-rank inverse's Lanczos cost
   per eigenpair (rank 10); EK-FAC fit and solve. Products, seconds, the
-  residual reached and the peak resident memory above the case's start (RSS
-  sampled every 10 ms) go into extra_info.
+  residual reached, the memory the solver's own state holds (vectors of the
+  analysed size, Lanczos basis, EK-FAC factors) and the peak resident memory
+  above the case's start (RSS sampled every 10 ms; memory freed by an earlier
+  case is reused, so it can undercount) go into extra_info.
 
     python -m pytest benchmarks/bench_hvp.py -k solver --benchmark-enable \
         --benchmark-json=bench-solvers.json -p no:cacheprovider
@@ -305,6 +307,13 @@ def _record(benchmark, op, res, mem, **extra):
 
 
 SOLVER_CASES = ["cg-ggn", "minres-hessian", "auto-cg-hessian"]
+#: Vectors of the analysed size each solver keeps (CG: x, r, p, Ap; MINRES: x, and the
+#: Lanczos and direction vectors v, v_prev, p, d, d_prev, d_prev2).
+STATE_VECTORS = {"cg": 4, "minres": 7, "auto-cg": 4}
+
+
+def _vectors_mib(space, k: int) -> float:
+    return k * space.numel * torch.finfo(space.dtype).bits / 8 / 2**20
 
 
 @pytest.mark.benchmark(group="solvers")
@@ -329,7 +338,9 @@ def test_solver_to_residual(benchmark, minilm, case):
 
     with PeakRSS() as mem:
         res = benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
-    _record(benchmark, op, res, mem, **out)
+    basis = -(-out.get("lanczos_products", 0) // 16) * 16  # auto damping's Lanczos basis,
+    state = _vectors_mib(op.space, max(STATE_VECTORS[name], basis))  # freed before CG runs
+    _record(benchmark, op, res, mem, state_mib=state, **out)
     op.release()
 
 
@@ -346,7 +357,9 @@ def test_solver_lanczos_eigenpairs(benchmark, minilm):
     t0 = time.perf_counter()
     inv.solve(g, DAMPING)
     solve_s = time.perf_counter() - t0
+    chunks = -(-inv.info["steps"] // 16)  # the basis grows in blocks of 16 vectors
     _record(benchmark, op, None, mem, rank=rank, lanczos_steps=inv.info["steps"],
+            state_mib=_vectors_mib(op.space, 16 * chunks),
             products_per_eigenpair=op.n_matvec / rank,
             seconds_per_eigenpair=benchmark.stats.stats.mean / rank, solve_seconds=solve_s,
             eigenvalues=inv.eigenvalues.tolist(), converged=inv.info["converged"])  # fmt: skip
@@ -371,15 +384,15 @@ def test_solver_ekfac(benchmark, minilm):
     factors = sum(b.QA.numel() + b.QS.numel() + b.lam.numel() for b in fitted.blocks) * 8
     benchmark.extra_info.update(
         {"fit_seconds": benchmark.stats.stats.mean, "solve_seconds": solve_s, "products": 0,
-         "modules": len(fitted.blocks), "factor_mib": factors / 2**20, "damping": lam,
+         "modules": len(fitted.blocks), "state_mib": factors / 2**20, "damping": lam,
          "finite": bool(torch.isfinite(x).all()), "peak_rss_extra_mib_run": mem.extra_mib}
     )  # fmt: skip
 
 
 def table(path: str) -> str:
     """The ``solvers`` group of a benchmark JSON as a markdown table."""
-    rows = ["| solver | products | seconds | residual reached | peak extra RSS |",
-            "| :-- | --: | --: | --: | --: |"]  # fmt: skip
+    rows = ["| solver | products | seconds | residual reached | solver state | peak extra RSS |",
+            "| :-- | --: | --: | --: | --: | --: |"]  # fmt: skip
     for b in json.load(open(path))["benchmarks"]:
         if b.get("group") != "solvers":
             continue
@@ -387,7 +400,8 @@ def table(path: str) -> str:
         res = e.get("relative_residual")
         rows.append(
             f"| {b.get('param') or b['name']} | {e.get('products')} | {b['stats']['mean']:.1f} | "
-            f"{'—' if res is None else f'{res:.1e}'} | {e['peak_rss_extra_mib_run']:.0f} MiB |"
+            f"{'—' if res is None else f'{res:.1e}'} | {e['state_mib']:.0f} MiB | "
+            f"{e['peak_rss_extra_mib_run']:.0f} MiB |"
         )
     return "\n".join(rows)
 
