@@ -357,7 +357,7 @@ def minres(
     bar.close()
     true_rel = float(_norm(b - A(x))) / bn
     n_mv += 1
-    if converged and true_rel > max(tol, 10 * residuals[-1]):
+    if converged and true_rel > max(tol, 10 * residuals[-1], 10 * tiny):
         converged = False
         reason += f", but the residual recomputed from x is {true_rel:.2e} (rounding)"
     log.info("minres: %d iterations, relative residual %.3e (%s)", it + 1, true_rel, reason)
@@ -378,8 +378,10 @@ def _minres_fixed(A, b, tol, max_iter, progress, sync, t0) -> SolveResult:
     v_prev = torch.zeros_like(b)
     v = torch.where(live0, b / torch.where(live0, bn, one), zero)
     d_prev2, d_prev = torch.zeros_like(b), torch.zeros_like(b)
+    # β multiplies v_prev = 0 on the first step; starting it at 0 keeps ‖b‖ out of ‖T‖.
     # Distinct tensors (no aliases: XLA would compile the first iteration's graph twice).
-    beta, c, s, dbar, eps, phibar = bn, -one, zero.clone(), zero.clone(), zero.clone(), bn.clone()
+    beta, s, dbar, eps = (zero.clone() for _ in range(4))
+    c, phibar = -one, bn
     t_norm = zero.clone()  # running estimate of ‖T‖, the scale of "exactly zero"
     tiny = 10 * torch.finfo(dt).eps
     finite = torch.ones((), dtype=torch.bool, device=b.device)  # every product finite so far
@@ -387,7 +389,7 @@ def _minres_fixed(A, b, tol, max_iter, progress, sync, t0) -> SolveResult:
     if sync is not None:  # materialise the start so that every iteration has the same graph
         sync([x, v, v_prev, d_prev, d_prev2, beta, c, s, dbar, eps, phibar, t_norm, finite])
     for _ in tqdm(range(max_iter), desc="minres", disable=not progress, leave=False):
-        p = A(v) - beta * v_prev  # v_prev is zero on the first step
+        p = A(v) - beta * v_prev
         alpha = torch.dot(v, p)
         p = p - alpha * v
         beta_next = _norm(p)
