@@ -69,11 +69,13 @@ class AnalyzeConfig:
     eval_batch_size: int = _help("dev batch size for evaluation and validation gradients", 64)
     max_length: int = _help("token truncation length", 64)
     lr: float = _help("lr of the gradient rule", 2e-5)
-    damping: float = _help("λ of (H + λI)", 0.01)
+    damping: Union[float, str] = _help("λ of (H + λI), or 'auto' (from the spectrum)", 0.01)
     curvature: str = _help("hessian | ggn", "hessian")
-    solver: str = _help("cg | lissa | explicit", "cg")
-    max_iter: int = _help("CG iteration cap", 100)
-    tol: float = _help("CG relative residual tolerance", 1e-6)
+    solver: str = _help("minres | cg | lissa | explicit | lanczos | ekfac", "minres")
+    rank: int = _help("solver='lanczos': eigenpairs kept", 20)
+    fisher: str = _help("solver='ekfac': sampled | empirical", "sampled")
+    max_iter: int = _help("CG / MINRES iteration cap", 100)
+    tol: float = _help("CG / MINRES relative residual tolerance", 1e-6)
     hvp_batches: Optional[int] = _help(
         "training batches used for HVPs (seeded subsample; None: all)"
     )
@@ -130,12 +132,20 @@ class AnalyzeConfig:
                 raise ValueError(f"{', '.join(used)} need the held-out protocol (heldout=True)")
         masking.check_ks(list(self.group_ks))
         masking.check_ks(list(self.location_ks))
+        for m in self.methods:  # the scoring settings, before any work
+            self.score_config(m).validate()
 
-    def score_config(self, label: str) -> ScoreConfig:
+    def score_config(self, label: str, out: Optional[Path] = None) -> ScoreConfig:
+        """The scoring settings of method `label`; with `out` (the checkpoint's output
+        directory) solver='lanczos' keeps its eigenpairs there (lowrank-<label>.safetensors),
+        so a rerun with another validation set or damping costs no curvature product."""
         method, curvature = parse_method(label)
+        lowrank = None
+        if out is not None and self.solver == "lanczos" and method == "influence":
+            lowrank = str(Path(out) / f"lowrank-{label}.safetensors")
         return ScoreConfig(
             method=method, solver=self.solver, curvature=curvature or self.curvature,
-            damping=self.damping,
+            damping=self.damping, rank=self.rank, fisher=self.fisher, lowrank_file=lowrank,
             max_iter=self.max_iter, tol=self.tol, lr=self.lr, hvp_mode=self.hvp_mode,
             cache_graphs=self.cache_graphs and self.hvp_mode == "double-backward",
             hvp_batches=self.hvp_batches, on_negative_curvature=self.on_negative_curvature,
@@ -162,7 +172,7 @@ def parse_method(label: str) -> Tuple[str, Optional[str]]:
 
 
 #: ScoreConfig fields that do not change the scores (left out of the recorded settings).
-_NOT_SETTINGS = ("progress", "distributed")
+_NOT_SETTINGS = ("progress", "distributed", "lowrank_file")
 
 
 def _score_settings(cfg: ScoreConfig) -> Dict[str, Any]:
@@ -303,7 +313,7 @@ def _scores(
     With `half` = (name, split), the validation gradient comes from that half of
     the dev rows only (held-out protocol); the files are ``scores-<label>@<name>``.
     """
-    scfg = cfg.score_config(label)
+    scfg = cfg.score_config(label, ck.out)
     settings = {"data": ck.data_settings, "score": _score_settings(scfg)}
     val, inputs, name = ck.dev, ck.inputs, label
     if half is not None:
@@ -349,7 +359,7 @@ def _scores_info(label: str, file: str, digest: str, s: Scores) -> ScoresInfo:
         digest=digest,
         seconds=s.stats.get("seconds"),
         curvature=s.config.get("curvature") if solver else None,
-        damping=s.config.get("damping") if solver else None,
+        damping=s.stats.get("damping") if solver else None,  # the λ used (also for 'auto')
         hvp_batches_used=s.stats.get("hvp_batches_used"),
         n_hvp=s.stats.get("n_hvp"),
         **{k: solver.get(k) for k in ("iterations", "relative_residual", "converged", "reason")},
@@ -360,9 +370,10 @@ def _brief(s: Scores) -> str:
     solver = s.stats.get("solver")
     if not solver:
         return "no solve"
+    res = solver["relative_residual"]
     return (
-        f"{solver['iterations']} CG iterations, relative residual "
-        f"{solver['relative_residual']:.2e}, {solver['reason']}"
+        f"{solver['iterations']} {solver['solver']} iterations, relative residual "
+        f"{'n/a' if res is None else f'{res:.2e}'}, {solver['reason']}"
     )
 
 

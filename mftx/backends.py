@@ -8,7 +8,7 @@ calls these, so a new backend is one class here.
 - ``eager``: plain PyTorch on the model's device.
 - ``compile``: the per-batch gradient and HVP under ``torch.compile`` (inductor).
 - ``xla``: model and batches on the XLA device (torch_xla, see `mftx.xla`),
-  fixed-iteration CG with only the CG state synced per iteration.
+  fixed-iteration CG or MINRES with only the solver's state synced per iteration.
 """
 
 from __future__ import annotations

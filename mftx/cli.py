@@ -47,6 +47,16 @@ def _optional_int(text: str) -> Optional[int]:
     return None if text.lower() in ("none", "all") else int(text)
 
 
+def _damping(text: str) -> Union[float, str]:
+    """A number, or 'auto' (λ from the estimated spectrum)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+
+
 class _RelativeFormatter(logging.Formatter):
     """Log lines with absolute paths made relative to the log's directory."""
 
@@ -112,7 +122,8 @@ def _analyze_config(args: argparse.Namespace):
     return AnalyzeConfig(
         data=args.data, train_size=args.train_size, seed=args.seed, methods=args.methods,
         ks=args.ks, batch_size=args.batch_size, lr=args.lr, damping=args.damping,
-        curvature=args.curvature, solver=args.solver, max_iter=args.max_iter, tol=args.tol,
+        curvature=args.curvature, solver=args.solver, rank=args.rank, fisher=args.fisher,
+        max_iter=args.max_iter, tol=args.tol,
         hvp_batches=args.hvp_batches, hvp_mode=args.hvp_mode,
         cache_graphs=not args.no_cache_graphs, fidelity_samples=args.fidelity_samples,
         fidelity_dtype=args.fidelity_dtype, heldout=args.heldout, split_seed=args.split_seed,
@@ -231,6 +242,7 @@ def _data_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .analysis import DEFAULT_GROUP_KS, DEFAULT_KS, DEFAULT_LOCATION_KS
     from .experiments import DEFAULT_TARGETS
+    from .solvers import SOLVERS
 
     parser = argparse.ArgumentParser(
         prog="mftx", description="Mask fine-tuning of transformer classifiers.", allow_abbrev=False
@@ -278,10 +290,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ks", type=_ints, default=list(DEFAULT_KS), help="top-k grid")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-5, help="lr of the gradient rule")
-    p.add_argument("--damping", type=float, default=0.01)
+    p.add_argument(
+        "--damping", type=_damping, default=0.01,
+        help="λ of (H + λI), or 'auto': from the estimated spectrum (H + λI positive definite)",
+    )  # fmt: skip
     p.add_argument("--curvature", choices=["hessian", "ggn"], default="hessian")
-    p.add_argument("--solver", choices=["cg", "lissa", "explicit"], default="cg")
-    p.add_argument("--max-iter", type=int, default=100, help="CG iteration cap")
+    p.add_argument(
+        "--solver", choices=list(SOLVERS), default="minres",
+        help="minres (default: (H + λI) s = g as written, indefinite or not) | cg | lissa | "
+        "explicit | lanczos (low-rank inverse of --rank eigenpairs) | ekfac (Kronecker-factored "
+        "Fisher)",
+    )  # fmt: skip
+    p.add_argument("--rank", type=int, default=20, help="--solver lanczos: eigenpairs kept")
+    p.add_argument(
+        "--fisher", choices=["sampled", "empirical"], default="sampled",
+        help="--solver ekfac: labels sampled from the model, or the training labels",
+    )  # fmt: skip
+    p.add_argument("--max-iter", type=int, default=100, help="CG / MINRES iteration cap")
     p.add_argument("--tol", type=float, default=1e-6)
     p.add_argument(
         "--hvp-batches", type=_optional_int, default=None, help="training batches for HVPs"

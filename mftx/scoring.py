@@ -4,7 +4,9 @@ Methods (the sign convention is in `mftx.scores.METHODS`):
 - ``gradient``: |θ| − |θ − lr·g_train| (first order; > 0: moving toward zero, "detrimental").
 - ``influence``: −θ ⊙ s with s = (H + λI)⁻¹ ∇L_val, H the training loss's
   curvature: one inverse-Hessian-vector product scores every parameter (< 0:
-  removing it is predicted to lower validation loss, "beneficial").
+  removing it is predicted to lower validation loss, "beneficial"). Solvers:
+  CG, MINRES (indefinite H + λI), LiSSA, explicit, a low-rank inverse from
+  Lanczos eigenpairs, EK-FAC; ``damping="auto"`` picks λ from the spectrum.
 - ``taylor``: −g_val ⊙ θ, first-order change of validation loss when zeroing.
 - ``obd``: −g_val ⊙ θ + ½ diag(H_val) ⊙ θ², second order (Optimal Brain Damage),
   diag(H_val) by Hutchinson probes.
@@ -18,13 +20,14 @@ import math
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import ops, solvers
+from . import ekfac, ops, solvers, spectra
 from .backends import BACKENDS, get_backend
 from .hvp import CURVATURES, MODES, Curvature, batch_weights, resolve_batch_size
 from .objective import check_batches, default_loss
@@ -45,11 +48,19 @@ class ScoreConfig:
     """Every setting of a scoring run (recorded with the scores)."""
 
     method: str = _help("gradient | influence | taylor | obd | magnitude", "influence")
-    solver: str = _help("inverse-HVP solver: cg | lissa | explicit", "cg")
+    solver: str = _help(
+        "inverse-HVP solver: cg | minres (indefinite systems) | lissa | explicit | lanczos "
+        "(low-rank inverse from eigenpairs) | ekfac (Kronecker-factored Fisher, no products)",
+        "minres",
+    )
     curvature: str = _help("hessian | ggn (generalised Gauss-Newton, PSD)", "hessian")
-    damping: float = _help("λ added to the curvature: solves (H + λI) s = ∇L_val", 0.01)
-    max_iter: int = _help("CG iteration cap", 100)
-    tol: float = _help("CG stops at relative residual <= tol", 1e-6)
+    damping: Union[float, str] = _help(
+        "λ added to the curvature: solves (H + λI) s = ∇L_val; 'auto': from the estimated "
+        "spectrum, λ = μ + max(0.1 μ, 0.01 ρ), μ = max(0, −λ_min), ρ the spectral radius",
+        0.01,
+    )
+    max_iter: int = _help("CG / MINRES iteration cap", 100)
+    tol: float = _help("CG / MINRES stop at relative residual <= tol; LiSSA at update <= tol", 1e-6)
     lr: float = _help("learning rate of the gradient rule |θ − lr·g| < |θ|", 2e-5)
     backend: str = _help("eager | compile (torch.compile) | xla (torch_xla)", "eager")
     hvp_mode: str = _help("rev-rev | fwd-rev | double-backward", "rev-rev")
@@ -70,6 +81,19 @@ class ScoreConfig:
     lissa_depth: int = _help("LiSSA recursion depth", 100)
     lissa_repeats: int = _help("LiSSA repeats averaged", 1)
     lissa_stochastic: bool = _help("LiSSA: one sampled batch per step instead of all", False)
+    rank: int = _help("solver='lanczos': eigenpairs of largest |λ| kept", 20)
+    lanczos_steps: int = _help(
+        "Lanczos cap (curvature products) for damping='auto' and solver='lanczos'", 60
+    )
+    lanczos_tol: float = _help(
+        "Lanczos stops once the wanted Ritz values' error bounds are <= this × max|θ|", 1e-3
+    )
+    lowrank_file: Optional[str] = _help(
+        "solver='lanczos': load the eigenpairs from this safetensors file if it exists (no "
+        "curvature products), else compute and save them there",
+        None,
+    )
+    fisher: str = _help("solver='ekfac': sampled (labels from the model) | empirical", "sampled")
     probes: int = _help(
         "OBD: Hutchinson probes for diag(H_val); 0: exact diagonal (small spaces)", 16
     )
@@ -111,9 +135,21 @@ class ScoreConfig:
         one_of("cache_graphs", (False, True, "auto"))
         if not 0 < self.cache_budget <= 1:
             raise ValueError(f"cache_budget must be in (0, 1], got {self.cache_budget!r}")
-        solvers._check_damping(self.damping)
-        if self.max_iter < 1:
-            raise ValueError(f"max_iter must be >= 1, got {self.max_iter}")
+        one_of("fisher", ekfac.FISHERS)
+        if self.damping != "auto":
+            if isinstance(self.damping, str):
+                raise ValueError(f"damping must be a number >= 0 or 'auto', got {self.damping!r}")
+            solvers._check_damping(self.damping)
+        solvers.check_max_iter(self.max_iter)
+        solvers.check_tol(self.tol)
+        ops._checks.finite_nonnegative("lanczos_tol", self.lanczos_tol)
+        if self.rank < 1:
+            raise ValueError(f"rank must be >= 1, got {self.rank}")
+        if self.lanczos_steps < 2 or (self.solver == "lanczos" and self.lanczos_steps < self.rank):
+            raise ValueError(
+                f"lanczos_steps must be >= 2 and >= rank ({self.rank}) for solver='lanczos', "
+                f"got {self.lanczos_steps}"
+            )
         if self.hvp_batches is not None and self.hvp_batches < 1:
             raise ValueError(f"hvp_batches must be >= 1 or None, got {self.hvp_batches}")
         if self.probes < 0:
@@ -180,9 +216,9 @@ def score(
     method: str = "influence",
     params: Optional[ParamSpace] = None,
     loss_fn: Optional[Callable] = None,
-    solver: str = "cg",
+    solver: str = "minres",
     curvature: str = "hessian",
-    damping: float = 0.01,
+    damping: Union[float, str] = 0.01,
     max_iter: int = 100,
     tol: float = 1e-6,
     lr: float = 2e-5,
@@ -198,7 +234,10 @@ def score(
     no embeddings, normalisation layers, pooler or head). Further options are the fields of `ScoreConfig`
     (``hvp_mode``, ``hvp_batches``, ``fixed_iterations``, ``lissa_*``, ``probes``,
     ``seed``, ``progress`` ...). The model is scored in eval mode and left in
-    the mode it was in. Returns `Scores` with the config and solver statistics.
+    the mode it was in. Returns `Scores` with the config and solver statistics;
+    for ``influence``, ``stats["damping"]`` is the λ used (a float, also when
+    ``damping="auto"`` chose it) and ``stats["spectrum"]`` the spectrum estimate
+    when one was made.
     """
     unknown = set(options) - {f.name for f in fields(ScoreConfig)}
     if unknown:
@@ -241,6 +280,8 @@ def score_with_config(
         cfg.method == "obd" and cfg.probes == 0
     ):
         solvers.check_explicit_size(space.numel, cfg.max_explicit)
+    if cfg.method == "influence" and cfg.solver == "ekfac":
+        ekfac.linear_blocks(model, space)  # refuses parameters outside nn.Linear modules
 
     was_training = model.training
     model.eval()
@@ -303,41 +344,142 @@ def _influence(model, space, train, val, loss_fn, cfg):
     if len(idx) < len(train) and (cfg.num_examples or {}).get("train") is not None:
         w = batch_weights(resolve_batch_size(loss_fn, cfg.batch_size_fn), train)
         share = sum(w[i] for i in idx) / sum(w)
-    op = _curvature(model, space, [train[i] for i in idx], loss_fn, cfg, "train", share)
-    try:
-        res = _solve(op, g_val, cfg)
-    finally:
-        op.release()
-    s = space.unflatten(res.x)
-    out = [-(si * p) for si, p in zip(s, space.detached())]
+    batches = [train[i] for i in idx]
     stats = {
         "val_loss": val_loss,
         "val_grad_norm": float(g_val.norm()),
         "hvp_batches_used": len(idx),
-        "n_hvp": op.n_matvec,
-        "n_batch_hvp": op.n_batch_products,
-        "solver": res.stats(),
     }
-    if op.cache_decision is not None:
-        stats["graph_cache"] = op.cache_decision
+    if cfg.solver == "ekfac":
+        res = _ekfac_solve(model, space, batches, loss_fn, g_val, cfg, stats)
+        stats.update({"n_hvp": 0, "n_batch_hvp": 0})
+    else:
+        op = _curvature(model, space, batches, loss_fn, cfg, "train", share)
+        try:
+            res = _solve(op, g_val, cfg, stats)
+        finally:
+            op.release()
+        stats.update({"n_hvp": op.n_matvec, "n_batch_hvp": op.n_batch_products})
+        if op.cache_decision is not None:
+            stats["graph_cache"] = op.cache_decision
+    s = space.unflatten(res.x)
+    out = [-(si * p) for si, p in zip(s, space.detached())]
+    stats["solver"] = res.stats()
     return out, stats, None
 
 
-def _solve(op: Curvature, b: torch.Tensor, cfg: ScoreConfig) -> solvers.SolveResult:
+def _spectral_damping(op: Curvature, cfg: ScoreConfig, stats: dict) -> float:
+    """The numeric damping, or for "auto" the rule applied to a Lanczos estimate."""
+    if cfg.damping != "auto":
+        return float(cfg.damping)
+    like = op.space.flatten(op.space.detached())
+    spec = spectra.estimate(
+        op.matvec, like, steps=cfg.lanczos_steps, tol=cfg.lanczos_tol, probes=1,
+        seed=cfg.seed, progress=cfg.progress, info={"curvature": cfg.curvature},
+    )  # fmt: skip
+    stats["spectrum"] = spec.to_json()
+    log.info("damping='auto': %s", spec.summary())
+    return spec.auto_damping()
+
+
+def _solve(op: Curvature, b: torch.Tensor, cfg: ScoreConfig, stats: dict) -> solvers.SolveResult:
+    """(H + λI) s = b with the configured solver; records λ in stats["damping"]."""
+    if cfg.solver == "lanczos":
+        return _lowrank_solve(op, b, cfg, stats)
+    damping = stats["damping"] = _spectral_damping(op, cfg, stats)
     if cfg.solver == "cg":
         return solvers.cg(
-            op.matvec, b, cfg.damping, tol=cfg.tol, max_iter=cfg.max_iter,
+            op.matvec, b, damping, tol=cfg.tol, max_iter=cfg.max_iter,
             fixed_iterations=cfg.fixed_iterations, on_negative_curvature=cfg.on_negative_curvature,
             progress=cfg.progress, sync=op.sync,
         )  # fmt: skip
+    if cfg.solver == "minres":
+        return solvers.minres(
+            op.matvec, b, damping, tol=cfg.tol, max_iter=cfg.max_iter,
+            fixed_iterations=cfg.fixed_iterations, progress=cfg.progress, sync=op.sync,
+        )  # fmt: skip
     if cfg.solver == "lissa":
         return solvers.lissa(
-            op.matvec, b, cfg.damping, scale=cfg.lissa_scale, depth=cfg.lissa_depth,
-            repeats=cfg.lissa_repeats, tol=cfg.tol if cfg.tol > 0 else 0.0,
+            op.matvec, b, damping, scale=cfg.lissa_scale, depth=cfg.lissa_depth,
+            repeats=cfg.lissa_repeats, tol=cfg.tol,
             n_batches=len(op.batches) if cfg.lissa_stochastic else None, seed=cfg.seed,
             progress=cfg.progress,
         )  # fmt: skip
-    return solvers.explicit(op.matvec, b, cfg.damping, max_size=cfg.max_explicit)
+    return solvers.explicit(op.matvec, b, damping, max_size=cfg.max_explicit)
+
+
+def _lowrank_solve(op: Curvature, b: torch.Tensor, cfg: ScoreConfig, stats: dict):
+    """solver="lanczos": eigenpairs from Lanczos (or `lowrank_file`), then V(Λ + λ)⁻¹Vᵀb."""
+    from .lowrank import LowRankInverse
+
+    t0 = time.perf_counter()
+    space = op.space
+    path = Path(cfg.lowrank_file) if cfg.lowrank_file else None
+    setting = {"curvature": cfg.curvature, "hvp_batches": len(op.batches), "seed": cfg.seed}
+    if path is not None and path.is_file():
+        inv = LowRankInverse.load(path)
+        inv.check_space(space.names, space.numels)
+        saved = {k: inv.info.get(k) for k in setting}
+        if inv.rank != cfg.rank:
+            raise ValueError(f"{path} holds {inv.rank} eigenpairs; rank={cfg.rank} was asked for")
+        if saved != setting:
+            raise ValueError(f"{path} holds eigenpairs computed with {saved}, not {setting}")
+        loaded = True
+    else:
+        info = {"names": list(space.names), "numels": list(space.numels), **setting}
+        inv = LowRankInverse.from_operator(
+            op.matvec, b, cfg.rank, cfg.lanczos_steps, tol=cfg.lanczos_tol, seed=cfg.seed,
+            progress=cfg.progress, info=info,
+        )  # fmt: skip
+        if path is not None:
+            inv.save(path)
+        loaded = False
+    lam = inv.eigenvalues
+    if cfg.damping == "auto":
+        worst = int(torch.argmin(lam))
+        damping = spectra.auto_damping(float(lam.min()), float(lam.max()), float(inv.errors[worst]))
+    else:
+        damping = float(cfg.damping)
+    stats["damping"] = damping
+    x = inv.solve(b, damping)
+    V = inv.eigenvectors.to(b.device, b.dtype)
+    # For exact eigenpairs (H + λI)x = V Vᵀ b: the residual is the part of b outside their span.
+    captured = float(torch.linalg.vector_norm(b - V.T @ (V @ b)) / torch.linalg.vector_norm(b))
+    stats["lowrank"] = {
+        "rank": inv.rank, "eigenvalues": lam.tolist(), "errors": inv.errors.tolist(),
+        "loaded": loaded, "file": str(path) if path is not None else None,
+        "lanczos_steps": inv.info.get("steps"), "lanczos_reason": inv.info.get("reason"),
+    }  # fmt: skip
+    return solvers.SolveResult(
+        x, "lanczos", int(inv.info.get("steps") or 0), bool(inv.info.get("converged")),
+        f"rank {inv.rank} of {'saved' if loaded else 'fresh'} eigenpairs "
+        f"({inv.info.get('reason')})", [captured], 0 if loaded else int(inv.info["n_matvec"]),
+        time.perf_counter() - t0,
+    )  # fmt: skip
+
+
+def _ekfac_solve(model, space, batches, loss_fn, g, cfg: ScoreConfig, stats: dict):
+    """solver="ekfac": fit the Kronecker factors on the HVP batches, invert in closed form."""
+    t0 = time.perf_counter()
+    fitted = ekfac.fit(
+        model, space, batches, loss_fn, fisher=cfg.fisher, seed=cfg.seed, progress=cfg.progress
+    )
+    lam = fitted.eigenvalues()
+    if cfg.damping == "auto":
+        damping = spectra.auto_damping(float(lam.min()), float(lam.max()))
+    else:
+        damping = float(cfg.damping)
+    stats["damping"] = damping
+    t1 = time.perf_counter()
+    x = fitted.solve(g, damping)
+    stats["ekfac"] = {
+        **fitted.info, "solve_seconds": time.perf_counter() - t1,
+        "eigenvalue_max": float(lam.max()), "eigenvalue_mean": float(lam.mean()),
+    }  # fmt: skip
+    return solvers.SolveResult(
+        x, "ekfac", 0, True, f"EK-FAC of the {cfg.fisher} Fisher over {len(fitted.blocks)} "
+        "Linear modules", [], 0, time.perf_counter() - t0,
+    )  # fmt: skip
 
 
 def _taylor(model, space, train, val, loss_fn, cfg):

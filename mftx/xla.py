@@ -1,9 +1,9 @@
 """``backend="xla"``: the HVP/CG inner loop as compiled XLA graphs (torch_xla).
 
 On a TPU (or the CPU PJRT device, ``PJRT_DEVICE=CPU``, used in tests) the
-model, the batches and the CG state live on the XLA device. CG runs a fixed
-number of iterations with its residual kept on the device, and after every
-iteration only the CG state tensors are synced (`sync_state`), so every
+model, the batches and the solver state live on the XLA device. CG or MINRES
+runs a fixed number of iterations with its residual kept on the device, and
+after every iteration only the solver's state tensors are synced (`sync_state`), so every
 iteration runs the same compiled graph: after the first, nothing new is
 compiled, nor in a second scoring run with the same shapes.
 
@@ -70,8 +70,15 @@ def check_config(cfg: Any) -> None:
         raise ValueError("xla_compile=True traces torch.func transforms: use hvp_mode='rev-rev'")
     if cfg.cache_graphs:
         raise ValueError("cache_graphs=True keeps autograd graphs across iterations; not on XLA")
-    if cfg.solver != "cg":
-        raise ValueError(f"backend='xla' solves with fixed-iteration CG only, not {cfg.solver!r}")
+    if cfg.solver not in ("cg", "minres"):
+        raise ValueError(
+            f"backend='xla' solves with fixed-iteration CG or MINRES only, not {cfg.solver!r}"
+        )
+    if cfg.damping == "auto":
+        raise ValueError(
+            "damping='auto' runs Lanczos with a host read per step; not on XLA. Estimate it "
+            "eagerly (mftx.spectrum(...).auto_damping()) and pass the number"
+        )
 
 
 def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

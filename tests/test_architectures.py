@@ -200,8 +200,9 @@ def test_bert_base_and_gpt2_small_on_the_meta_device():
 # ---------------------------------------------------------------- scores against oracles
 
 
+@pytest.mark.parametrize("solver", ["cg", "minres"])
 @pytest.mark.parametrize("curvature", ["hessian", "ggn"])
-def test_influence_matches_a_dense_float64_solve(problem, curvature):
+def test_influence_matches_a_dense_float64_solve(problem, curvature, solver):
     family, model, train, val = problem
     space = mftx.select_params(model, include=SMALL[family])
     assert 64 <= space.numel <= 80
@@ -216,8 +217,12 @@ def test_influence_matches_a_dense_float64_solve(problem, curvature):
     g_val = torch.func.grad(mean_ce(model, space, val))(theta).detach()
     want = -theta * torch.linalg.solve(C + damping * torch.eye(space.numel).double(), g_val)
     got = mftx.score(model, train, val, method="influence", params=space, curvature=curvature,
-                     damping=damping, tol=1e-12, max_iter=300, progress=False)  # fmt: skip
-    assert got.stats["solver"]["converged"]
+                     solver=solver, damping=damping, tol=1e-12, max_iter=300,
+                     progress=False)  # fmt: skip
+    if solver == "cg":
+        assert got.stats["solver"]["converged"]
+    else:  # MINRES reports the residual recomputed from s: rounding keeps it above 1e-12
+        assert got.stats["solver"]["relative_residual"] < 1e-7
     assert rel(space.flatten([got.scores[n] for n in space.names]), want) < LOOSE.get(family, 1e-8)
 
 

@@ -390,6 +390,30 @@ def test_unknown_method_variant_is_refused(tmp_path, capsys):
     assert rc == 1 and "unknown variant 'fisher'" in capsys.readouterr().err
 
 
+def test_analyze_solver_options(tmp_path, capsys):
+    from mftx.cli import _analyze_config, build_parser
+
+    args = build_parser().parse_args(
+        ["analyze", str(tmp_path), "--damping", "auto", "--solver", "lanczos", "--rank", "7",
+         "--out", str(tmp_path / "o")]
+    )  # fmt: skip
+    cfg = _analyze_config(args)
+    scfg = cfg.score_config("influence-ggn")
+    assert (scfg.damping, scfg.solver, scfg.rank, scfg.curvature) == ("auto", "lanczos", 7, "ggn")
+    assert scfg.lowrank_file is None  # kept with a run only when its directory is known
+    kept = cfg.score_config("influence-ggn", tmp_path / "ckpt-60").lowrank_file
+    assert kept == str(tmp_path / "ckpt-60" / "lowrank-influence-ggn.safetensors")
+    args = build_parser().parse_args(["analyze", str(tmp_path), "--damping", "0.5", "--solver",
+                                      "ekfac", "--fisher", "empirical", "--out", "o"])  # fmt: skip
+    scfg = _analyze_config(args).score_config("influence")
+    assert (scfg.damping, scfg.solver, scfg.fisher) == (0.5, "ekfac", "empirical")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["analyze", "x", "--damping", "big", "--out", "o"])
+    assert "expected a number or 'auto'" in capsys.readouterr().err
+    rc = _run("analyze", str(tmp_path), "--damping", "-1", "--out", str(tmp_path / "o"))
+    assert rc == 1 and "damping must be finite and >= 0" in capsys.readouterr().err
+
+
 def test_cli_errors_are_one_line(tmp_path, capsys):
     rc = _run("analyze", str(tmp_path / "missing"), "--out", str(tmp_path / "o"))
     err = capsys.readouterr().err.strip()

@@ -475,11 +475,34 @@ def test_negative_curvature_in_scoring(bert, bert_dense):
     model, train, val, space = bert
     assert float(torch.linalg.eigvalsh(bert_dense).min()) < 0  # an indefinite Hessian
     with pytest.raises(mftx.NegativeCurvatureError):
-        mftx.score(model, train, val, params=space, damping=0.0, max_iter=500, tol=1e-14,
-                   progress=False)  # fmt: skip
-    s = mftx.score(model, train, val, params=space, damping=0.0, max_iter=500, tol=1e-14,
-                   on_negative_curvature="stop", progress=False)  # fmt: skip
+        mftx.score(model, train, val, params=space, solver="cg", damping=0.0, max_iter=500,
+                   tol=1e-14, progress=False)  # fmt: skip
+    s = mftx.score(model, train, val, params=space, solver="cg", damping=0.0, max_iter=500,
+                   tol=1e-14, on_negative_curvature="stop", progress=False)  # fmt: skip
     assert s.stats["solver"]["negative_curvature"]
+
+
+def test_defaults_give_finite_scores_on_an_indefinite_hessian(bert, bert_dense):
+    """`mftx.score(model, train, val)` as a user first calls it: MINRES on H + 0.01 I."""
+    model, train, val, space = bert
+    ev = torch.linalg.eigvalsh(bert_dense)
+    assert ev[0] + 0.01 < 0  # indefinite even after the default damping
+    s = mftx.score(model, train, val, params=space, progress=False)
+    flat = _flat(s, space)
+    assert torch.isfinite(flat).all() and flat.abs().max() > 0
+    st = s.stats["solver"]
+    assert st["solver"] == "minres" and s.stats["damping"] == 0.01
+    assert st["iterations"] <= 100 and st["n_matvec"] <= 101
+    # H + 0.01 I is nearly singular here (an eigenvalue of H at -0.0099986): 100 iterations
+    # leave a residual, reported honestly (recomputed from x) and close to what MINRES on the
+    # dense matrix reaches (the iterates themselves differ by rounding on such a system).
+    theta = space.flatten(space.detached())
+    g_val = torch.func.grad(mean_loss_fn(model, space, val, None))(theta).detach()
+    dense = solvers.minres(lambda v: bert_dense @ v, g_val, 0.01)
+    assert not st["converged"] and st["true_residual"] < 0.1
+    assert st["true_residual"] == pytest.approx(st["residuals"][-1], rel=1e-3)
+    assert st["true_residual"] == pytest.approx(dense.true_residual, rel=0.2)
+    assert st["residuals"] == sorted(st["residuals"], reverse=True)  # never grows
 
 
 def test_bert_base_layout_summary():
@@ -492,3 +515,121 @@ def test_bert_base_layout_summary():
     assert s["analysed"] == 85_017_600  # 72 Linear weights (84,934,656) and their biases
     assert s["tensors"] == 144
     assert round(s["share"], 3) == 0.777
+
+
+# ---------------------------------------------------------------- MINRES, auto damping, low rank
+
+
+def _flat(scores, space):
+    return space.flatten([scores.scores[n] for n in space.names])
+
+
+def test_minres_influence_solves_the_indefinite_system(bert, bert_dense):
+    model, train, val, space = bert
+    lam = 0.3
+    ev = torch.linalg.eigvalsh(bert_dense)
+    assert ev[0] + lam < 0 < ev[-1] + lam  # H + λI indefinite: CG cannot solve it
+    theta = space.flatten(space.detached())
+    g_val = torch.func.grad(mean_loss_fn(model, space, val, None))(theta).detach()
+    s = torch.linalg.solve(bert_dense + lam * torch.eye(space.numel, dtype=theta.dtype), g_val)
+    got = mftx.score(model, train, val, params=space, solver="minres", damping=lam, tol=1e-11,
+                     max_iter=400, progress=False)  # fmt: skip
+    assert rel(_flat(got, space), -theta * s) < 1e-8
+    st = got.stats["solver"]
+    assert st["solver"] == "minres" and st["converged"] and st["true_residual"] <= 1e-10
+    assert got.stats["damping"] == lam and isinstance(got.stats["damping"], float)
+    assert got.stats["n_hvp"] == st["n_matvec"] == st["iterations"] + 1
+
+
+def test_auto_damping_makes_the_system_positive_definite_and_solves_it(bert, bert_dense):
+    model, train, val, space = bert
+    got = mftx.score(model, train, val, params=space, damping="auto", tol=1e-12, max_iter=500,
+                     progress=False)  # fmt: skip
+    lam = got.stats["damping"]
+    assert isinstance(lam, float)
+    ev = torch.linalg.eigvalsh(bert_dense)
+    spec = got.stats["spectrum"]
+    assert abs(spec["lambda_min"] - float(ev[0])) < 1e-2 and spec["n"] == space.numel
+    assert lam == pytest.approx(mftx.Spectrum.from_json(spec).auto_damping())
+    assert float(ev[0]) + lam >= 0.09 * abs(float(ev[0]))  # positive definite with its margin
+    theta = space.flatten(space.detached())
+    g_val = torch.func.grad(mean_loss_fn(model, space, val, None))(theta).detach()
+    s = torch.linalg.solve(bert_dense + lam * torch.eye(space.numel, dtype=theta.dtype), g_val)
+    assert rel(_flat(got, space), -theta * s) < 1e-8
+    assert got.stats["solver"]["converged"] and not got.stats["solver"]["negative_curvature"]
+    # The Lanczos products are counted with the solve's.
+    assert got.stats["n_hvp"] == spec["n_matvec"] + got.stats["solver"]["n_matvec"]
+
+
+def test_lanczos_solver_saves_eigenpairs_and_reuses_them(tmp_path, bert, bert_dense):
+    model, train, val, space = bert
+    path = tmp_path / "eig.safetensors"
+    kw = dict(params=space, solver="lanczos", rank=8, lanczos_steps=120, lanczos_tol=1e-9,
+              lowrank_file=str(path), progress=False)  # fmt: skip
+    first = mftx.score(model, train, val, damping=0.5, **kw)
+    assert path.is_file() and not first.stats["lowrank"]["loaded"]
+    assert first.stats["n_hvp"] == first.stats["solver"]["n_matvec"] > 0
+    e, V = torch.linalg.eigh(bert_dense)
+    idx = torch.argsort(e.abs(), descending=True)[:8]
+    e, V = e[idx], V[:, idx]
+    theta = space.flatten(space.detached())
+
+    def want(val_batches, lam):
+        g = torch.func.grad(mean_loss_fn(model, space, val_batches, None))(theta).detach()
+        return -theta * (V @ ((V.T @ g) / (e + lam)))
+
+    assert rel(_flat(first, space), want(val, 0.5)) < 1e-7
+    # A new validation set and another damping: no curvature product at all.
+    new_val = [train[1]]
+    again = mftx.score(model, train, new_val, damping=0.2, **kw)
+    assert again.stats["lowrank"]["loaded"] and again.stats["n_hvp"] == 0
+    assert rel(_flat(again, space), want(new_val, 0.2)) < 1e-7
+    with pytest.raises(ValueError, match="computed with"):
+        mftx.score(model, train, val, curvature="ggn", **kw)
+    with pytest.raises(ValueError, match="holds 8 eigenpairs"):
+        mftx.score(model, train, val, **{**kw, "rank": 5})
+    other = mftx.select_params(model, include=[r"layer\.1\.output\.dense\.bias"])
+    with pytest.raises(ValueError, match="another parameter space"):
+        mftx.score(model, train, val, **{**kw, "params": other})
+
+
+@pytest.mark.parametrize(
+    ("opts", "message"),
+    [
+        ({"damping": "Auto"}, "damping must be a number >= 0 or 'auto'"),
+        ({"damping": float("nan")}, "damping must be finite"),
+        ({"tol": -1.0}, "tol must be finite and >= 0"),
+        ({"tol": float("inf")}, "tol must be finite and >= 0"),
+        ({"solver": "lanczos", "rank": 30, "lanczos_steps": 20}, "lanczos_steps must be"),
+        ({"solver": "arnoldi"}, "solver must be one of"),
+    ],
+)
+def test_solver_settings_are_validated(mlp, opts, message):
+    model, train, val, obj, space = mlp
+    with pytest.raises(ValueError, match=message):
+        mftx.score(model, train, val, params=space, loss_fn=obj, progress=False, **opts)
+
+
+@pytest.mark.parametrize("solver", ["minres", "lanczos", "explicit", "lissa", "ekfac"])
+def test_solvers_on_the_compile_backend_match_eager(mlp, solver):
+    model, train, val, obj, space = mlp
+    torch._dynamo.reset()
+    kw = dict(method="influence", params=space, loss_fn=obj, damping=0.5, curvature="ggn",
+              solver=solver, lissa_scale=5.0, lissa_depth=50, rank=6, progress=False)  # fmt: skip
+    eager = mftx.score(model, train, val, **kw)
+    compiled = mftx.score(model, train, val, backend="compile", **kw)
+    torch.testing.assert_close(_flat(compiled, space), _flat(eager, space), rtol=1e-9, atol=1e-12)
+
+
+def test_minres_fixed_iterations_on_the_compile_backend(mlp):
+    """The mode the XLA backend uses, with compiled products: equal to the tolerance mode."""
+    model, train, val, obj, space = mlp
+    torch._dynamo.reset()
+    kw = dict(params=space, loss_fn=obj, damping=0.01, solver="minres", progress=False)
+    adaptive = mftx.score(model, train, val, tol=0.0, max_iter=15, **kw)
+    fixed = mftx.score(model, train, val, backend="compile", fixed_iterations=True, max_iter=15,
+                       **kw)  # fmt: skip
+    torch.testing.assert_close(_flat(fixed, space), _flat(adaptive, space), rtol=1e-9, atol=1e-12)
+    assert fixed.stats["solver"]["residuals"] == pytest.approx(
+        adaptive.stats["solver"]["residuals"], rel=1e-8
+    )
