@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -41,9 +41,10 @@ from .protocol import SplitInfo, run_random, run_sweeps
 from .records import Baseline, CheckpointInfo, Overlap, RunIndex, ScoresInfo, Sweep, SweepPoint
 from .scores import METHODS, Scores
 from .scoring import ScoreConfig, score_with_config
+from .spectra import spectrum
 from .stages import Stage, digest_batches, digest_tensors
 
-__all__ = ["DEFAULT_KS", "AnalyzeConfig", "analyze", "overlap", "parse_method"]
+__all__ = ["DEFAULT_KS", "AnalyzeConfig", "Variant", "analyze", "overlap", "parse_method"]
 
 log = logging.getLogger("mftx")
 
@@ -105,6 +106,12 @@ class AnalyzeConfig:
         "½ θ_Sᵀ H θ_S (one validation Hessian-vector product each)",
         0,
     )
+    spectrum_steps: int = _help(
+        "Lanczos steps of the training-loss curvature spectrum (λ_min, λ_max, trace, "
+        "density) per curvature the influence methods use, on their HVP batches (0: none)",
+        0,
+    )
+    spectrum_probes: int = _help("spectrum: Lanczos runs for the density (30 steps each)", 3)
     location_ks: Sequence[int] = _help(
         "top-k sets whose layers and module kinds are counted (with the flagged set)",
         default_factory=lambda: list(DEFAULT_LOCATION_KS),
@@ -123,6 +130,11 @@ class AnalyzeConfig:
             raise ValueError("fidelity_samples must be >= 0")
         if self.fidelity_dtype not in ("float64", "float32"):
             raise ValueError("fidelity_dtype must be float64 or float32")
+        if self.spectrum_steps == 1 or self.spectrum_steps < 0 or self.spectrum_probes < 1:
+            raise ValueError(
+                f"spectrum_steps must be 0 (none) or >= 2 and spectrum_probes >= 1, got "
+                f"{self.spectrum_steps} and {self.spectrum_probes}"
+            )
         for name in ("random_draws", "group_subsets", "group_flagged", "group_quadratic"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -139,13 +151,14 @@ class AnalyzeConfig:
         """The scoring settings of method `label`; with `out` (the checkpoint's output
         directory) solver='lanczos' keeps its eigenpairs there (lowrank-<label>.safetensors),
         so a rerun with another validation set or damping costs no curvature product."""
-        method, curvature = parse_method(label)
+        v = parse_method(label)
+        solver = v.solver or self.solver
         lowrank = None
-        if out is not None and self.solver == "lanczos" and method == "influence":
+        if out is not None and solver == "lanczos" and v.method == "influence":
             lowrank = str(Path(out) / f"lowrank-{label}.safetensors")
         return ScoreConfig(
-            method=method, solver=self.solver, curvature=curvature or self.curvature,
-            damping=self.damping, rank=self.rank, fisher=self.fisher, lowrank_file=lowrank,
+            method=v.method, solver=solver, curvature=v.curvature or self.curvature,
+            damping=v.damping or self.damping, rank=self.rank, fisher=self.fisher, lowrank_file=lowrank,
             max_iter=self.max_iter, tol=self.tol, lr=self.lr, hvp_mode=self.hvp_mode,
             cache_graphs=self.cache_graphs and self.hvp_mode == "double-backward",
             hvp_batches=self.hvp_batches, on_negative_curvature=self.on_negative_curvature,
@@ -153,22 +166,58 @@ class AnalyzeConfig:
         )  # fmt: skip
 
 
-def parse_method(label: str) -> Tuple[str, Optional[str]]:
-    """'influence' -> ('influence', None); 'influence-ggn' -> ('influence', 'ggn').
+@dataclass(frozen=True)
+class Variant:
+    """What a method label names: the method and the settings it overrides (None: the run's)."""
 
-    A suffix names the curvature for that method only, so one analysis can
-    compare influence through the Hessian and through the GGN.
-    """
+    method: str
+    curvature: Optional[str] = None
+    solver: Optional[str] = None
+    damping: Optional[str] = None
+
+
+#: Label tokens after the method: curvatures, solvers and 'auto' (damping='auto').
+def _label_tokens() -> Dict[str, Tuple[str, str]]:
     from .hvp import CURVATURES
+    from .solvers import SOLVERS
 
-    method, _, variant = label.partition("-")
+    tokens = {c: ("curvature", c) for c in CURVATURES}
+    tokens.update({s: ("solver", s) for s in SOLVERS})
+    tokens["auto"] = ("damping", "auto")
+    return tokens
+
+
+def parse_method(label: str) -> Variant:
+    """A method label: the method, then optional tokens that override the run's settings
+    for that method only, in any order, each kind at most once:
+
+    - a curvature (``hessian``, ``ggn``),
+    - a solver (``minres``, ``cg``, ``lissa``, ``explicit``, ``lanczos``, ``ekfac``),
+    - ``auto``: damping="auto".
+
+    'influence' -> Variant('influence'); 'influence-ggn-cg' -> the GGN solved by CG;
+    'influence-cg-auto' -> auto-damped CG on the Hessian. So one analysis compares
+    second-order variants side by side. Tokens other than a curvature apply to
+    ``influence`` only (the other methods have no solve).
+    """
+    method, *rest = label.split("-")
     if method not in METHODS:
         raise ValueError(
-            f"unknown method {label!r}; one of {sorted(METHODS)} (optionally -hessian/-ggn)"
+            f"unknown method {label!r}; one of {sorted(METHODS)}, optionally followed by "
+            "-<curvature>, -<solver>, -auto"
         )
-    if variant and variant not in CURVATURES:
-        raise ValueError(f"unknown variant {variant!r} in {label!r}; one of {CURVATURES}")
-    return method, variant or None
+    tokens = _label_tokens()
+    found: Dict[str, str] = {}
+    for tok in rest:
+        if tok not in tokens:
+            raise ValueError(f"unknown variant {tok!r} in {label!r}; one of {sorted(tokens)}")
+        kind, value = tokens[tok]
+        if kind in found:
+            raise ValueError(f"{label!r} names the {kind} twice ({found[kind]!r}, {value!r})")
+        if kind != "curvature" and method != "influence":
+            raise ValueError(f"{label!r}: only influence takes a {kind} ({tok!r})")
+        found[kind] = value
+    return Variant(method, **found)
 
 
 #: ScoreConfig fields that do not change the scores (left out of the recorded settings).
@@ -263,6 +312,9 @@ def _analyze_checkpoint(ck: _Checkpoint, cfg: AnalyzeConfig) -> None:
     space = select_params(ck.model)
     log.info("analysing %s: %d analysed parameters", ck.name, space.numel)
     info = _checkpoint_info(ck, space)
+    if cfg.spectrum_steps:
+        for curvature in _curvatures(cfg):
+            _spectrum(ck, space, curvature, cfg)
     scores: Dict[str, Scores] = {}
     digests: Dict[str, str] = {}
     for label in cfg.methods:
@@ -271,7 +323,7 @@ def _analyze_checkpoint(ck: _Checkpoint, cfg: AnalyzeConfig) -> None:
         _sweep(ck, space, label, s, digests[label], cfg.ks, info.baseline, cfg.progress)
     if "gradient" in scores:
         for label in scores:
-            if parse_method(label)[0] == "influence":
+            if parse_method(label).method == "influence":
                 _overlap(ck, scores, digests, label)
     if cfg.fidelity_samples > 0:
         settings = {"data": ck.eval_settings, "dtype": cfg.fidelity_dtype}
@@ -284,6 +336,35 @@ def _analyze_checkpoint(ck: _Checkpoint, cfg: AnalyzeConfig) -> None:
         _location(ck, space, label, s, digests[label], cfg.location_ks)
     if cfg.heldout:
         _heldout(ck, space, cfg, scores, digests)
+
+
+def _curvatures(cfg: AnalyzeConfig) -> List[str]:
+    """The curvatures the run's influence methods solve with (the run's own if none)."""
+    found = [cfg.score_config(m).curvature for m in cfg.methods
+             if parse_method(m).method == "influence"]  # fmt: skip
+    return sorted(set(found)) or [cfg.curvature]
+
+
+def _spectrum(ck: _Checkpoint, space: ParamSpace, curvature: str, cfg: AnalyzeConfig):
+    """The spectrum of the training loss's `curvature` on the influence solves' HVP batches
+    (``spectrum-<curvature>.json``): what makes H + λI indefinite or not."""
+    settings = {
+        "data": ck.data_settings, "curvature": curvature, "hvp_batches": cfg.hvp_batches,
+        "hvp_mode": cfg.hvp_mode, "steps": cfg.spectrum_steps, "probes": cfg.spectrum_probes,
+        "seed": 0,
+    }  # fmt: skip
+    stage = ck.stage("spectrum", curvature, settings, ck.inputs)
+    prev = stage.previous()
+    if prev is not None:
+        return prev.result
+    log.info("%s: spectrum of the %s (%d Lanczos steps)", ck.name, curvature, cfg.spectrum_steps)
+    spec = spectrum(
+        ck.model, ck.train, params=space, curvature=curvature, hvp_mode=cfg.hvp_mode,
+        hvp_batches=cfg.hvp_batches, seed=0, progress=cfg.progress,
+        steps=cfg.spectrum_steps, probes=cfg.spectrum_probes,
+    )  # fmt: skip
+    log.info("%s: %s spectrum: %s", ck.name, curvature, spec.summary())
+    return stage.save(spec).result
 
 
 def _checkpoint_info(ck: _Checkpoint, space: ParamSpace) -> CheckpointInfo:

@@ -129,7 +129,8 @@ def _analyze_config(args: argparse.Namespace):
         fidelity_dtype=args.fidelity_dtype, heldout=args.heldout, split_seed=args.split_seed,
         random_draws=args.random_draws, group_subsets=args.group_subsets, group_ks=args.group_ks,
         group_flagged=args.group_flagged, group_quadratic=args.group_quadratic,
-        location_ks=args.location_ks, progress=not args.no_progress,
+        location_ks=args.location_ks, spectrum_steps=args.spectrum_steps,
+        spectrum_probes=args.spectrum_probes, progress=not args.no_progress,
     )  # fmt: skip
 
 
@@ -337,6 +338,12 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--location-ks", type=_ints, default=list(DEFAULT_LOCATION_KS),
                    help="top-k sets located by layer and module kind")  # fmt: skip
+    p.add_argument(
+        "--spectrum-steps", type=int, default=0,
+        help="Lanczos steps of the curvature spectrum per checkpoint (0: none)",
+    )  # fmt: skip
+    p.add_argument("--spectrum-probes", type=int, default=3,
+                   help="spectrum: Lanczos runs for the density")  # fmt: skip
     p.add_argument("--out", required=True)
     p.add_argument(
         "--force", action="store_true",

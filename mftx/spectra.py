@@ -16,7 +16,6 @@ Rademacher start z, n·α_1 = zᵀAz, no extra products) or, with
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,7 +25,9 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
+from . import fileio
 from .lanczos import extremes, lanczos, rademacher
+from .schema import Reader, register
 
 __all__ = ["Spectrum", "auto_damping", "estimate", "hutchpp", "plot_density", "spectrum"]
 
@@ -66,6 +67,7 @@ def auto_damping(
     return mu + max(margin * mu, floor * rho)
 
 
+@register("spectrum", 1, per_method=True)
 @dataclass
 class Spectrum:
     """Estimated spectrum of a curvature matrix (n × n); JSON-serialisable."""
@@ -127,7 +129,9 @@ class Spectrum:
         return {"format": _FORMAT, **asdict(self)}
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Spectrum:
+    def from_json(cls, data: Union[Mapping[str, Any], Reader]) -> Spectrum:
+        if isinstance(data, Reader):  # the result of an analyze stage record
+            data = data.obj
         if data.get("format") != _FORMAT:
             raise ValueError(
                 f"not an mftx spectrum (format {data.get('format')!r}, want {_FORMAT})"
@@ -136,13 +140,11 @@ class Spectrum:
         return cls(**body)
 
     def save(self, path: Union[str, Path]) -> Path:
-        path = Path(path)
-        path.write_text(json.dumps(self.to_json(), indent=1) + "\n")
-        return path
+        return fileio.write_json(path, self.to_json())
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> Spectrum:
-        return cls.from_json(json.loads(Path(path).read_text()))
+        return cls.from_json(fileio.read_json(path))
 
     def summary(self) -> str:
         std = f" ± {self.trace_std:.3g}" if self.trace_std is not None else ""

@@ -70,7 +70,7 @@ def _analyze(data, finetuned, out, *extra, methods=METHODS, ks="5,50,500", sampl
         "analyze", str(finetuned), "--data", str(data), "--train-size", "32",
         "--batch-size", "8", "--ks", ks, "--methods", methods,
         "--damping", "1.0", "--max-iter", "30", "--fidelity-samples", samples,
-        "--out", str(out), *extra,
+        "--spectrum-steps", "6", "--spectrum-probes", "2", "--out", str(out), *extra,
     )  # fmt: skip
 
 
@@ -139,6 +139,13 @@ def test_analyze_writes_every_stage_and_the_report(workspace, finetuned, analyze
     assert ov_ggn["influence_beneficial"] == len(ggn.flagged())
     assert "## Overlap of gradient-flagged" in md and f"| {ckpt.name} | influence-ggn |" in md
     assert (rep / f"accuracy-{ckpt.name}.png").read_bytes()[:4] == b"\x89PNG"
+    # One spectrum per curvature the influence methods use, in the report with its density.
+    for curvature in ("hessian", "ggn"):
+        spec = mftx.Spectrum.from_json(_json(ck / f"spectrum-{curvature}.json")["result"])
+        assert spec.info["curvature"] == curvature and len(spec.nodes) == 2
+        assert spec.lambda_min <= spec.lambda_max and spec.n == ggn.numel
+    assert "## Curvature spectrum" in md and f"| {ckpt.name} | ggn |" in md
+    assert (rep / f"spectrum-{ckpt.name}.png").read_bytes()[:4] == b"\x89PNG"
     # The report rebuilds from its results.json alone, to the same files.
     again = out / "again"
     assert _run("report", str(rep / "results.json"), "--out", str(again)) == 0

@@ -281,3 +281,48 @@ def test_score_runs_through_the_backend_interface(monkeypatch):
     assert seen == ["prepare", "curvature", "curvature"]  # val gradient, train HVPs
     for n in want.names:
         assert torch.equal(got.scores[n], want.scores[n])
+
+
+# ---------------------------------------------------------------- method labels in analyze
+
+
+def test_method_labels_name_variants_that_reach_the_score_config(tmp_path):
+    from mftx.analysis import AnalyzeConfig, Variant, parse_method
+
+    assert parse_method("influence") == Variant("influence")
+    assert parse_method("influence-ggn-cg") == Variant("influence", "ggn", "cg")
+    assert parse_method("influence-auto-cg") == Variant("influence", solver="cg", damping="auto")
+    assert parse_method("taylor-ggn") == Variant("taylor", "ggn")
+    cfg = AnalyzeConfig(methods=["influence", "influence-cg-auto", "influence-ggn-cg",
+                                 "influence-lanczos"], damping=0.05)  # fmt: skip
+    cfg.validate()
+    base = cfg.score_config("influence")
+    assert (base.solver, base.curvature, base.damping) == ("minres", "hessian", 0.05)
+    auto = cfg.score_config("influence-cg-auto")
+    assert (auto.solver, auto.curvature, auto.damping) == ("cg", "hessian", "auto")
+    ggn = cfg.score_config("influence-ggn-cg")
+    assert (ggn.solver, ggn.curvature, ggn.damping) == ("cg", "ggn", 0.05)
+    low = cfg.score_config("influence-lanczos", tmp_path)
+    assert low.solver == "lanczos"
+    assert low.lowrank_file == str(tmp_path / "lowrank-influence-lanczos.safetensors")
+    assert cfg.score_config("influence", tmp_path).lowrank_file is None
+
+
+@pytest.mark.parametrize(
+    ("label", "message"),
+    [
+        ("influence-newton", "unknown variant 'newton'"),
+        ("influence-cg-minres", "names the solver twice"),
+        ("influence-ggn-hessian", "names the curvature twice"),
+        ("gradient-cg", "only influence takes a solver"),
+        ("taylor-auto", "only influence takes a damping"),
+        ("newton", "unknown method"),
+    ],
+)
+def test_method_labels_refuse_what_they_cannot_mean(label, message):
+    from mftx.analysis import AnalyzeConfig, parse_method
+
+    with pytest.raises(ValueError, match=message):
+        parse_method(label)
+    with pytest.raises(ValueError, match=message):
+        AnalyzeConfig(methods=["gradient", label]).validate()
