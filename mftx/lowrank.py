@@ -15,7 +15,6 @@ when it exists and writes it otherwise.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Union
@@ -24,6 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from . import fileio
 from .lanczos import lanczos, largest_magnitude, rademacher
 
 __all__ = ["LowRankInverse"]
@@ -132,9 +132,9 @@ class LowRankInverse:
             "errors": self.errors.to(torch.float64).contiguous().cpu(),
         }
         meta = {"format": _FORMAT, "info": self.info}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"mftx": json.dumps(meta)})
-        tmp.replace(path)
+        text = fileio.dumps(meta, path.parent)
+        with fileio.atomic_target(path) as tmp:  # an interrupted save leaves no half file
+            save_file(tensors, str(tmp), metadata={"mftx": text})
         return path
 
     @classmethod
@@ -143,7 +143,7 @@ class LowRankInverse:
         if not path.is_file():
             raise FileNotFoundError(f"no low-rank inverse at {path}")
         with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("mftx", "{}"))
+            meta = fileio.loads((f.metadata() or {}).get("mftx", "{}"), path.parent)
             if meta.get("format") != _FORMAT:
                 raise ValueError(f"{path} is not an mftx low-rank inverse ({_FORMAT})")
             t = {k: f.get_tensor(k) for k in ("eigenvalues", "eigenvectors", "errors")}
