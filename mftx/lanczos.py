@@ -31,7 +31,15 @@ MatVec = Callable[[torch.Tensor], torch.Tensor]
 #: Picks the indices of the wanted Ritz values from all of them (ascending θ).
 Wanted = Callable[[torch.Tensor], torch.Tensor]
 
-_CHUNK = 16  # basis rows per storage block (the basis grows without copies)
+_CHUNK = 16  # basis rows per storage block (the basis grows without copies) ...
+_CHUNK_BYTES = 2**30  # ... fewer when 16 rows would exceed this (1 row at least)
+
+
+def _chunk_rows(n: int, dtype: torch.dtype) -> int:
+    """Rows per basis block: 16, or as many as fit 1 GiB for long vectors, so the basis
+    never holds more than one partly used block beyond what the steps need."""
+    row = n * torch.finfo(dtype).bits // 8
+    return max(1, min(_CHUNK, _CHUNK_BYTES // max(row, 1)))
 
 
 def extremes(theta: torch.Tensor) -> torch.Tensor:
@@ -144,6 +152,7 @@ def lanczos(
     if not s_norm > 0:
         raise ValueError(f"the Lanczos start vector has norm {s_norm}")
     chunks: List[torch.Tensor] = []
+    rows = _chunk_rows(n, start.dtype)
     alphas: List[float] = []
     betas: List[float] = []
     q = start / s_norm
@@ -152,9 +161,9 @@ def lanczos(
     reason, converged = f"{max_steps} steps", False
     bar = tqdm(range(max_steps), desc=desc, disable=not progress, leave=False)
     for j in bar:
-        if j % _CHUNK == 0:
-            chunks.append(torch.empty(_CHUNK, n, dtype=start.dtype, device=start.device))
-        chunks[-1][j % _CHUNK] = q
+        if j % rows == 0:
+            chunks.append(torch.empty(rows, n, dtype=start.dtype, device=start.device))
+        chunks[-1][j % rows] = q
         w = matvec(q)
         a = float(torch.dot(q.to(torch.float64), w.to(torch.float64)))
         if a != a or abs(a) == float("inf"):

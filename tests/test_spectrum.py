@@ -138,3 +138,21 @@ def test_spectrum_bad_input(bert_H):
         mftx.spectrum(model, train, params=space, backend="xla", progress=False)
     with pytest.raises(ValueError, match="trace"):
         mftx.spectrum(model, train, params=space, trace="exact", progress=False)
+
+
+@pytest.mark.parametrize("limit_rows", [1, 3])
+def test_lanczos_basis_blocks_shrink_for_long_vectors(monkeypatch, limit_rows):
+    """Long vectors get fewer basis rows per block (1 GiB each); the run is the same."""
+    from mftx import lanczos as engine
+
+    A = torch.randn(40, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    A = A + A.T
+    start = rademacher(40, 1, A[0])
+    want = engine.lanczos(lambda v: A @ v, start, 25)
+    assert engine._chunk_rows(40, torch.float64) == 16
+    assert engine._chunk_rows(302_000_000, torch.float32) == 1  # BERT-large's analysed space
+    monkeypatch.setattr(engine, "_CHUNK_BYTES", limit_rows * 40 * 8)
+    got = engine.lanczos(lambda v: A @ v, start, 25)
+    assert {len(c) for c in got.chunks} == {limit_rows}
+    assert torch.allclose(got.alpha, want.alpha, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(got.ritz()[0], want.ritz()[0], rtol=1e-10, atol=1e-10)
