@@ -253,6 +253,7 @@ def fit(
     for i, b in enumerate(blocks):  # eigenbases are scale-free: no normalisation needed
         b.QA = torch.linalg.eigh(A[i])[1]
         b.QS = torch.linalg.eigh(S[i])[1]
+        A[i] = S[i] = None  # factors freed as their eigenbases arrive (half the peak)
         b.lam = torch.zeros(b.d_out, b.k, dtype=f64)
     n_all = 0
     for batch in tqdm(batches, desc="ekfac eigenvalues", disable=not progress, leave=False):
