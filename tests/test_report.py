@@ -381,12 +381,17 @@ def test_fidelity_table(run_dir: Path) -> None:
 def test_solve_table(tmp_path: Path) -> None:
     files = full_checkpoint("ckpt-60", 0.6, SWEEPS_60, (40, 100, 10))
     files["scores-influence"] = solve_rec("influence", 1, 24.8, "non-positive curvature")
+    files["scores-influence"].settings["score"] = {"solver": "cg", "curvature": "hessian"}
+    files["scores-influence-ggn"] = solve_rec("influence-ggn", 7, 1e-4, "tolerance")
     gradient = ScoresInfo("gradient", "scores-gradient.safetensors", "e" * 64, 1.0)
     files["scores-gradient"] = rec("scores", gradient)  # no solve: not in the table
     run = load_run(make_run(tmp_path, {"ckpt-60": files}))
     assert table_rows(report.solve_table(run)) == [
-        ["ckpt-60", "influence", "hessian", "1", "2.48e+01", "non-positive curvature", "79"]
-    ]
+        ["ckpt-60", "influence", "hessian", "cg", "0.01", "1", "2.48e+01",
+         "non-positive curvature", "79"],
+        # A record without solver settings (older runs) shows the solver as missing.
+        ["ckpt-60", "influence-ggn", "hessian", "—", "0.01", "7", "1.00e-04", "tolerance", "79"],
+    ]  # fmt: skip
 
 
 def test_format_tables(run_dir: Path) -> None:

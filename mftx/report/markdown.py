@@ -89,8 +89,10 @@ def render_markdown(run: Run, plots: Optional[List[Path]], root: Path) -> str:
         "alone is zeroed.\n\n" + fidelity_table(run),
         *section_parts(run, "fidelity", plots),
         "## Inverse-HVP solves\n\n"
-        "How each influence solve (H + λI) s = ∇L_val ended: CG stops at non-positive "
-        "curvature, at the tolerance or at its iteration cap.\n\n" + solve_table(run),
+        "How each influence solve (H + λI) s = ∇L_val ended (damping: the λ used, also when "
+        'chosen by `damping="auto"`): at the tolerance, at the iteration cap, or for CG at '
+        "non-positive curvature; Lanczos and EK-FAC have no iterations of their own.\n\n"
+        + solve_table(run),
         *section_parts(run, "solves", plots),
         "## Accuracy against k\n\n" + "\n".join(_plot_lines(run, plots)),
     ]

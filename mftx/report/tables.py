@@ -250,9 +250,16 @@ def overlap_variants_table(run: Run) -> str:
 
 
 SOLVE_HEADERS = (
-    "checkpoint", "method", "curvature", "CG iterations", "relative residual", "stopped because",
-    "seconds",
+    "checkpoint", "method", "curvature", "solver", "damping", "iterations", "relative residual",
+    "stopped because", "seconds",
 )  # fmt: skip
+
+
+def _solver(ckpt: Any, method: str) -> str:
+    """The solver a scores record was computed with (from its settings)."""
+    rec = ckpt.records.get(f"scores-{method}")
+    score = rec.settings.get("score") if rec is not None else None
+    return str(score.get("solver", MISSING)) if isinstance(score, dict) else MISSING
 
 
 def solve_table(run: Run) -> str:
@@ -267,6 +274,8 @@ def solve_table(run: Run) -> str:
                     ckpt.name,
                     method,
                     str(s.curvature),
+                    _solver(ckpt, method),
+                    MISSING if s.damping is None else f"{s.damping:.3g}",
                     fmt_count(s.iterations),
                     MISSING if res is None else f"{res:.2e}",
                     s.reason or "",
@@ -275,7 +284,7 @@ def solve_table(run: Run) -> str:
             )
     if not rows:
         return "(no solves recorded)"
-    return markdown_table(SOLVE_HEADERS, rows, left=3)
+    return markdown_table(SOLVE_HEADERS, rows, left=5)
 
 
 FIDELITY_HEADERS = ("checkpoint", "method", "Spearman", "Pearson", "sign agreement", "n")
@@ -286,7 +295,9 @@ def fidelity_table(run: Run) -> str:
     rows = []
     for ckpt in run.checkpoints:
         if ckpt.fidelity is None:
-            rows.append([ckpt.name, "(missing)", MISSING, MISSING, MISSING, MISSING])
+            not_run = run.config.get("fidelity_samples", 1) == 0
+            label = "(not run: fidelity_samples = 0)" if not_run else "(missing)"
+            rows.append([ckpt.name, label, MISSING, MISSING, MISSING, MISSING])
             continue
         for method in order_methods(ckpt.fidelity.summary):
             s = ckpt.fidelity.summary[method]
