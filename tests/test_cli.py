@@ -445,3 +445,31 @@ def test_data_error_names_the_file(workspace, tmp_path, capsys):
     rc = _run("finetune", "--model", str(model), "--data", str(bad), "--out", str(tmp_path / "o"))
     err = capsys.readouterr().err
     assert rc == 1 and "train.tsv" in err and "line 2" in err
+
+
+def test_method_labels_run_their_variants_side_by_side(workspace, finetuned, tmp_path):
+    """One analyze run scores influence through several solvers and dampings by label."""
+    methods = "gradient,influence-cg-auto,influence-lanczos,influence-ggn-cg"
+    out = tmp_path / "an"
+    assert _analyze(workspace[1], finetuned, out, "--rank", "4", methods=methods, ks="5",
+                    samples="0") == 0  # fmt: skip
+    ck = next(p for p in out.iterdir() if p.is_dir())
+    want = {
+        "influence-cg-auto": ("cg", "hessian"), "influence-lanczos": ("lanczos", "hessian"),
+        "influence-ggn-cg": ("cg", "ggn"),
+    }  # fmt: skip
+    for label, (solver, curvature) in want.items():
+        s = mftx.Scores.load(ck / f"scores-{label}.safetensors")
+        assert (s.config["solver"], s.config["curvature"]) == (solver, curvature), label
+        assert torch.isfinite(torch.cat([t.reshape(-1) for t in s.tensors()])).all()
+        assert (ck / f"overlap-{label}.json").is_file()
+    auto = mftx.Scores.load(ck / "scores-influence-cg-auto.safetensors")
+    lam, spec = auto.stats["damping"], auto.stats["spectrum"]
+    assert auto.config["damping"] == "auto" and lam != 1.0  # chosen, not the run's --damping
+    assert lam == pytest.approx(mftx.Spectrum.from_json(spec).auto_damping())
+    assert lam + spec["lambda_min"] > 0  # H + λI positive definite
+    assert mftx.Scores.load(ck / "scores-influence-ggn-cg.safetensors").stats["damping"] == 1.0
+    assert (ck / "lowrank-influence-lanczos.safetensors").is_file()
+    # One spectrum per curvature in use.
+    assert {f.name for f in ck.glob("spectrum-*.json")} == {"spectrum-hessian.json",
+                                                            "spectrum-ggn.json"}  # fmt: skip

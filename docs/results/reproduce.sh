@@ -43,12 +43,12 @@ CKPTS=("$OUT/ft-1k-s0/s0-60" "$OUT/ft-1k-s0/s0-75" "$OUT/ft-full/full-85"
 
 # 4. The methods benchmark at the 60 % checkpoint: every scoring variant (MINRES on the
 #    Hessian, auto-damped CG, CG on the GGN, the rank-20 Lanczos inverse, EK-FAC), single-
-#    parameter fidelity (100 samples) and group fidelity (50 random subsets per k, top-k
+#    parameter fidelity (60 samples) and group fidelity (50 random subsets per k, top-k
 #    and flagged subsets). It starts from step 3's records for that checkpoint.
 if [ ! -d "$OUT/bench/s0-60" ]; then mkdir -p "$OUT/bench" && cp -r "$OUT/an/s0-60" "$OUT/bench/"; fi
 "$MFTX" analyze "$OUT/ft-1k-s0/s0-60" "${COMMON[@]}" \
   --methods gradient,taylor,magnitude,influence,influence-cg-auto,influence-ggn-cg,influence-lanczos,influence-ekfac \
-  --fidelity-samples 100 --group-subsets 50 --group-flagged 3 --group-ks 10,100,1000,10000 \
+  --fidelity-samples 60 --group-subsets 50 --group-flagged 2 --group-ks 10,100,1000,10000 \
   --out "$OUT/bench"
 
 # 5. Tables, CSV/JSON and plots; paths in every written file are relative to its directory.
