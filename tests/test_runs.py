@@ -131,12 +131,15 @@ def test_file_names_and_kinds():
         records.stem("sweep")
     import mftx.groups
     import mftx.location
-    import mftx.protocol  # noqa: F401  (the held-out stages register their kinds on import)
+    import mftx.protocol
+    import mftx.spectra  # noqa: F401  (these modules register their kinds on import)
 
     assert set(records.stage_kinds()) == {
         "checkpoint", "scores", "sweep", "overlap", "fidelity", "split", "heldout", "groupfid",
-        "location",
+        "location", "spectrum",
     }  # fmt: skip
+    assert records.kind_of("spectrum-hessian") == "spectrum"
+    assert records.kind_of("spectrum") is None  # one record per curvature
 
 
 def test_run_index_checks_its_fields(tmp_path):
