@@ -500,7 +500,7 @@ def test_committed_results_are_portable_and_rebuild_their_report() -> None:
     assert DOCS / "results.json" in reports
     for results in reports:
         run = load_results(results)
-        assert run.checkpoints and not run.incomplete(), results
+        assert run.checkpoints, results  # a report still running lists what is missing
         plots = sorted(results.parent.glob("*.png"))
         text = (results.parent / "report.md").read_text()
         assert render_markdown(run, plots, results.parent) == text, results
