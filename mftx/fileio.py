@@ -256,6 +256,18 @@ def write_json(path: PathLike, obj: Any, root: Optional[PathLike] = None) -> Pat
     return atomic_write(path, text)
 
 
+def write_safetensors(path: PathLike, tensors: Dict[str, Any], meta: Any) -> Path:
+    """Write `tensors` as a safetensors file atomically, `meta` as strict JSON under its
+    ``mftx`` metadata key (paths relative to the file's directory)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    text = dumps(meta, path.parent)
+    with atomic_target(path) as tmp:  # an interrupted save leaves no half file
+        save_file(tensors, str(tmp), metadata={"mftx": text})
+    return path
+
+
 def read_json(path: PathLike, root: Optional[PathLike] = None) -> Any:
     """Read a JSON file written by `write_json` (relative paths resolved against `root`,
     default: the file's directory). Raises `FileFormatError` naming the file if it is invalid."""

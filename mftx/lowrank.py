@@ -21,7 +21,6 @@ from typing import Any, Callable, Dict, Optional, Union
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from . import fileio
 from .lanczos import lanczos, largest_magnitude, rademacher
@@ -132,10 +131,7 @@ class LowRankInverse:
             "errors": self.errors.to(torch.float64).contiguous().cpu(),
         }
         meta = {"format": _FORMAT, "info": self.info}
-        text = fileio.dumps(meta, path.parent)
-        with fileio.atomic_target(path) as tmp:  # an interrupted save leaves no half file
-            save_file(tensors, str(tmp), metadata={"mftx": text})
-        return path
+        return fileio.write_safetensors(path, tensors, meta)
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> LowRankInverse:

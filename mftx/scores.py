@@ -7,7 +7,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from . import fileio, ops
 from .ops import Candidates
@@ -138,10 +137,7 @@ class Scores:
         tensors = {
             f"score.{i}": t.detach().contiguous().cpu() for i, t in enumerate(self.tensors())
         }
-        text = fileio.dumps(meta, path.parent)
-        with fileio.atomic_target(path) as tmp:  # an interrupted save leaves no half file
-            save_file(tensors, str(tmp), metadata={"mftx": text})
-        return path
+        return fileio.write_safetensors(path, tensors, meta)
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> Scores:
