@@ -28,7 +28,7 @@ import os
 import re
 import secrets
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Union
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
 
 __all__ = [
     "NON_FINITE_KEY",
@@ -40,9 +40,11 @@ __all__ = [
     "is_relative_path_text",
     "loads",
     "read_json",
+    "read_safetensors",
     "relative",
     "relativize_text",
     "write_json",
+    "write_safetensors",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -266,6 +268,50 @@ def write_safetensors(path: PathLike, tensors: Dict[str, Any], meta: Any) -> Pat
     with atomic_target(path) as tmp:  # an interrupted save leaves no half file
         save_file(tensors, str(tmp), metadata={"mftx": text})
     return path
+
+
+def read_safetensors(
+    path: PathLike, fmt: str, what: str, keys: Optional[Sequence[str]] = None
+) -> Tuple[Dict[str, Any], Any]:
+    """Read a file written by `write_safetensors`: ``(tensors, meta)``.
+
+    `fmt` is the ``"format"`` the metadata must carry and `what` names the kind of
+    file in messages ("scores", "low-rank inverse"). `keys`: the tensors to read
+    (default: all). Raises FileNotFoundError for a missing file and
+    `FileFormatError` naming the file for anything else that is not such a file:
+    not safetensors, no ``mftx`` metadata, invalid metadata JSON, another format, a
+    missing tensor. Nothing is unpickled.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no {what} file at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            if "mftx" not in header:
+                raise FileFormatError(
+                    path, f"a safetensors file but not mftx {what} (no 'mftx' metadata)"
+                )
+            try:
+                meta = loads(header["mftx"], path.parent)
+            except ValueError as exc:
+                raise FileFormatError(path, f"invalid mftx metadata ({exc})") from None
+            if not isinstance(meta, dict) or meta.get("format") != fmt:
+                found = meta.get("format") if isinstance(meta, dict) else None
+                raise FileFormatError(path, f"not mftx {what} in format {fmt!r} (format {found!r})")
+            present = set(f.keys())
+            wanted = list(present) if keys is None else list(keys)
+            missing = [k for k in wanted if k not in present]
+            if missing:
+                raise FileFormatError(path, f"mftx {what} without tensor(s) {missing}")
+            tensors = {k: f.get_tensor(k) for k in wanted}
+    except (FileFormatError, FileNotFoundError):
+        raise
+    except Exception as exc:  # safetensors' own header errors: not a safetensors file
+        raise FileFormatError(path, f"not a safetensors file ({exc})") from None
+    return tensors, meta
 
 
 def read_json(path: PathLike, root: Optional[PathLike] = None) -> Any:

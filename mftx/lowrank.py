@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Union
 
 import torch
-from safetensors import safe_open
 
 from . import fileio
 from .lanczos import lanczos, largest_magnitude, rademacher
@@ -135,14 +134,9 @@ class LowRankInverse:
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> LowRankInverse:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no low-rank inverse at {path}")
-        with safe_open(str(path), framework="pt") as f:
-            meta = fileio.loads((f.metadata() or {}).get("mftx", "{}"), path.parent)
-            if meta.get("format") != _FORMAT:
-                raise ValueError(f"{path} is not an mftx low-rank inverse ({_FORMAT})")
-            t = {k: f.get_tensor(k) for k in ("eigenvalues", "eigenvectors", "errors")}
+        t, meta = fileio.read_safetensors(
+            path, _FORMAT, "low-rank inverse", ("eigenvalues", "eigenvectors", "errors")
+        )
         return cls(t["eigenvalues"], t["eigenvectors"], t["errors"], meta["info"])
 
     def __repr__(self) -> str:

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-from safetensors import safe_open
 
 from . import fileio, ops
 from .ops import Candidates
@@ -142,18 +141,11 @@ class Scores:
     @classmethod
     def load(cls, path: Union[str, Path]) -> Scores:
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no scores file at {path}")
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-            if "mftx" not in header:
-                raise ValueError(
-                    f"{path} is a safetensors file but not mftx scores (no 'mftx' metadata)"
-                )
-            meta = fileio.loads(header["mftx"], path.parent)
-            if meta.get("format") != _FORMAT:
-                raise ValueError(f"{path}: unsupported scores format {meta.get('format')!r}")
-            scores = {n: f.get_tensor(f"score.{i}") for i, n in enumerate(meta["names"])}
+        tensors, meta = fileio.read_safetensors(path, _FORMAT, "scores")
+        keys = [f"score.{i}" for i in range(len(meta.get("names", ())))]
+        if "names" not in meta or set(keys) != set(tensors):
+            raise fileio.FileFormatError(path, "mftx scores whose tensors do not match 'names'")
+        scores = {n: tensors[k] for n, k in zip(meta["names"], keys)}
         return cls(meta["method"], scores, meta["config"], meta["stats"])
 
 

@@ -149,3 +149,35 @@ def test_copy_json_keeps_paths_pointing_at_the_same_place(tmp_path):
     fileio.copy_json(src, tmp_path / "a" / "b" / "c" / "ft.json")
     back = fileio.read_json(tmp_path / "a" / "b" / "c" / "ft.json")
     assert back["data"] == str(tmp_path / "sst2") and math.isnan(back["x"])
+
+
+def test_read_safetensors_round_trip_and_refusals(tmp_path):
+    from safetensors.torch import save_file
+
+    t = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(2, dtype=torch.int64)}
+    path = fileio.write_safetensors(tmp_path / "x.safetensors", t, {"format": "f/1", "p": tmp_path})
+    back, meta = fileio.read_safetensors(path, "f/1", "thing")
+    assert set(back) == {"a", "b"} and all(torch.equal(back[k], t[k]) for k in t)
+    assert meta["p"] == str(tmp_path)  # written relative, read back absolute
+    only, _ = fileio.read_safetensors(path, "f/1", "thing", keys=["b"])
+    assert set(only) == {"b"}
+
+    with pytest.raises(FileNotFoundError, match="no thing file"):
+        fileio.read_safetensors(tmp_path / "missing.safetensors", "f/1", "thing")
+    with pytest.raises(fileio.FileFormatError, match="format 'f/2'"):
+        fileio.read_safetensors(path, "f/2", "thing")
+    with pytest.raises(fileio.FileFormatError, match=r"without tensor\(s\) \['c'\]"):
+        fileio.read_safetensors(path, "f/1", "thing", keys=["a", "c"])
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
+    with pytest.raises(fileio.FileFormatError, match="not a safetensors file") as info:
+        fileio.read_safetensors(garbage, "f/1", "thing")
+    assert info.value.path == str(garbage)
+    plain = tmp_path / "plain.safetensors"
+    save_file({"a": torch.zeros(1)}, str(plain))
+    with pytest.raises(fileio.FileFormatError, match="no 'mftx' metadata"):
+        fileio.read_safetensors(plain, "f/1", "thing")
+    bad_meta = tmp_path / "bad.safetensors"
+    save_file({"a": torch.zeros(1)}, str(bad_meta), metadata={"mftx": "{not json"})
+    with pytest.raises(fileio.FileFormatError, match="invalid mftx metadata"):
+        fileio.read_safetensors(bad_meta, "f/1", "thing")

@@ -254,7 +254,7 @@ def test_lowrank_load_refuses_other_files(tmp_path):
     from safetensors.torch import save_file
 
     save_file({"a": torch.zeros(1)}, str(tmp_path / "x.safetensors"))
-    with pytest.raises(ValueError, match="not an mftx low-rank inverse"):
+    with pytest.raises(ValueError, match="not mftx low-rank inverse"):
         LowRankInverse.load(tmp_path / "x.safetensors")
     with pytest.raises(FileNotFoundError):
         LowRankInverse.load(tmp_path / "missing.safetensors")
