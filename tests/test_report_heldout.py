@@ -29,6 +29,7 @@ from mftx.protocol import Heldout, ProtocolPoint, RowStats, SplitInfo
 from mftx.records import Baseline, CheckpointInfo, Fidelity, FidelityStats, ScoresInfo
 from mftx.report import (
     benchmark,
+    byk_tables,
     format_tables,
     groupfid_tables,
     heldout_tables,
@@ -118,6 +119,21 @@ def test_protocol_table_chooses_on_one_half_and_measures_on_the_other(heldout_ru
     r = heldout_tables.protocol_rows(heldout_run)[0]
     assert r["ab_best_k"] == 100 and r["ab_accuracy"] == 0.55
     assert r["beyond_recalibration_mean"] == pytest.approx(-0.08)
+
+
+def test_gain_at_every_k_by_hand(heldout_run) -> None:
+    """Every k of the sweep, no k chosen: fold scores measured on the other half."""
+    rows = table_rows(byk_tables.byk_table(heldout_run))
+    assert rows == [
+        # k = 10: all-row scores on all rows 0.95; A-scores on B 0.75, B-scores on A 0.61.
+        # k = 100: 0.5; 0.55, 0.64.  k = 5,000: 0.52; 0.45, 0.42 (baseline 0.6 everywhere).
+        ["ckpt-60", "taylor", "+35.00 / +8.00", "-10.00 / -0.50", "-8.00 / -16.50"],
+        # Means over the two draws: k = 10 all 0.6, B 0.6, A 0.7; k = 100 all 0.6, B 0.6, A 0.65.
+        ["ckpt-60", "random-k", "0.00 / +5.00", "0.00 / +2.50", "—"],
+    ]
+    r = byk_tables.byk_rows(heldout_run)[0]
+    assert (r["k"], r["ab_gain"], r["ba_gain"]) == (10, pytest.approx(0.15), pytest.approx(0.01))
+    assert set(byk_tables.BYK_FIELDS) <= set(r)
 
 
 def test_controls_table(heldout_run) -> None:
@@ -313,6 +329,7 @@ def test_report_files_and_rebuild_from_results_json(tmp_path: Path) -> None:
     out = write_report(run_dir)
     text = (out / "report.md").read_text()
     for heading in ("Masking: reference vs held-out protocol", "Controls: recalibration",
+                    "Masking: gain at every k under both protocols",
                     "Group fidelity: zeroing whole subsets", "Methods benchmark",
                     "Where the removed parameters live"):  # fmt: skip
         assert f"## {heading}" in text, heading
@@ -328,7 +345,7 @@ def test_report_files_and_rebuild_from_results_json(tmp_path: Path) -> None:
     assert float(rows[0]["ab_accuracy"]) == 0.55 and rows[0]["reference_at_fixed_k"] == "0.52"
     assert rows[1]["draws"] == "2"
     doc = json.loads((out / "results.json").read_text())
-    assert set(doc["tables"]) == {"heldout", "controls", "groupfid", "benchmark", "location"}
+    assert set(doc["tables"]) == {"heldout", "byk", "controls", "groupfid", "benchmark", "location"}
     assert json.loads(rows[0]["ab_accuracy"]) == doc["tables"]["heldout"][0]["ab_accuracy"]
     # The CLI tables show the same sections.
     assert "## Masking: reference vs held-out protocol" in format_tables(load_run(run_dir))

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .benchmark import benchmark_rows, benchmark_table
+from .byk_tables import byk_rows, byk_table
 from .groupfid_tables import group_correlation_table, group_mean_table, group_rows
 from .heldout_tables import control_rows, control_table, protocol_rows, protocol_table, split_lines
 from .load import Run
@@ -101,6 +102,13 @@ CONTROLS_INTRO = (
     "each protocol's best k. The reference protocol has no recalibration control: its "
     "offset would be chosen on the rows it is measured on."
 )
+BYK_INTRO = (
+    'Gain at every k of the sweep, "reference / held-out" in accuracy points: the '
+    "reference protocol (scores and accuracy on all dev rows) and the mean over the two "
+    "folds of the held-out gain at that k (scores from the selection half, accuracy on the "
+    "evaluation half; no k is chosen). Against the unmasked model on the same rows; the "
+    "random-k control averages its draws."
+)
 SEEDS_INTRO = (
     "Checkpoints with the same target accuracy from different fine-tuning seeds: mean ± "
     "sample sd across them of the reference gain, the held-out gain (mean of the folds) "
@@ -137,6 +145,8 @@ SECTIONS: Sequence[Section] = (
             HELDOUT_INTRO, (_split_text, protocol_table), plot=True),
     Section("controls", "Controls: recalibration and predicted-class balance", "masking",
             control_rows, CONTROLS_INTRO, (control_table,)),
+    Section("byk", "Masking: gain at every k under both protocols", "masking", byk_rows,
+            BYK_INTRO, (byk_table,)),
     Section("seeds", "Gains across fine-tuning seeds", "masking", seed_rows, SEEDS_INTRO,
             (seed_table,)),
     Section("groupfid", "Group fidelity: zeroing whole subsets", "fidelity", group_rows,
