@@ -1,0 +1,171 @@
+"""The README's Results tables, condensed from the CSVs `mftx report` wrote here.
+
+    python docs/results/summarize.py [REPORT_DIR] > docs/results/summary.md
+
+REPORT_DIR defaults to this file's directory. Every number in the README's
+Results tables is a line of ``summary.md`` (tests/test_report.py checks it), and
+``summary.md`` is this script's output on the committed CSVs (checked too).
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+#: Sweep points shown in the gain-against-k table (the study's "past 500 removals" claim).
+BYK_KS = ("100", "500", "1000", "5000", "10000")
+#: Checkpoints of the gain-against-k table: unmasked dev accuracy at or above this.
+BYK_MIN_BASELINE = 0.7
+
+
+def _rows(d: Path, name: str) -> List[Dict[str, str]]:
+    p = d / name
+    if not p.is_file():
+        return []
+    with p.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _pts(x: Optional[str]) -> str:
+    """A fraction as signed accuracy points with one decimal ("—" when empty)."""
+    return "—" if x in (None, "") else f"{float(x) * 100:+.1f}"
+
+
+def _pm(row: Dict[str, str], key: str) -> str:
+    if not row[f"{key}_sd"]:
+        return _pts(row[f"{key}_mean"])
+    return f"{float(row[key + '_mean']) * 100:+.1f} ± {float(row[key + '_sd']) * 100:.1f}"
+
+
+def _table(headers: List[str], align: str, body: List[List[str]]) -> List[str]:
+    out = ["| " + " | ".join(headers) + " |", "| " + " | ".join(align.split()) + " |"]
+    return out + ["| " + " | ".join(r) + " |" for r in body]
+
+
+def headline(d: Path) -> List[str]:
+    """Per checkpoint and method: both protocols, the recalibration control, class balance."""
+    ctrl: Dict[tuple, List[Dict[str, str]]] = {}
+    for r in _rows(d, "results-controls.csv"):
+        ctrl.setdefault((r["checkpoint"], r["method"]), []).append(r)
+    body = []
+    for r in _rows(d, "results-heldout.csv"):
+        held = [x for x in ctrl.get((r["checkpoint"], r["method"]), [])
+                if x["protocol"] != "reference"]  # fmt: skip
+        recal = [float(x["recalibrated"]) - float(x["unmasked"]) for x in held if x["recalibrated"]]
+        pos = " / ".join(
+            f"{float(x['positive_before']) * 100:.0f} → {float(x['positive_after']) * 100:.0f} %"
+            for x in held
+            if x["positive_after"]
+        )
+        body.append([
+            r["checkpoint"], f"{float(r['baseline']) * 100:.1f} %",
+            _pts(str(sum(recal) / len(recal))) if recal else "—", r["method"],
+            _pts(r["reference_gain"]),
+            f"{_pts(r['heldout_mean_gain'])} ({_pts(r['ab_gain'])} / {_pts(r['ba_gain'])})",
+            _pts(r["beyond_recalibration_mean"]), pos or "—",
+        ])  # fmt: skip
+    headers = ["checkpoint", "baseline", "recalibration alone (held-out)", "method",
+               "reference gain", "held-out gain (A→B / B→A)", "beyond recalibration",
+               "positive share: before → after (held-out)"]  # fmt: skip
+    return _table(headers, ":-- --: --: :-- --: --: --: --:", body)
+
+
+def seeds(d: Path) -> List[str]:
+    body = [
+        [
+            f"{float(r['target']) * 100:.0f} %",
+            r["method"],
+            ", ".join(eval_list(r["checkpoints"])),
+            _pm(r, "reference_gain"),
+            _pm(r, "heldout_gain"),
+            _pm(r, "beyond_recalibration"),
+        ]
+        for r in _rows(d, "results-seeds.csv")
+    ]
+    headers = ["target", "method", "checkpoints", "reference gain", "held-out gain",
+               "beyond recalibration"]  # fmt: skip
+    return _table(headers, "--: :-- :-- --: --: --:", body)
+
+
+def eval_list(text: str) -> List[str]:
+    """A JSON list of strings as the CSV holds it."""
+    import json
+
+    return [str(x) for x in json.loads(text)]
+
+
+def by_k(d: Path) -> List[str]:
+    """Reference / held-out gain at a few k for the later checkpoints."""
+    base = {r["checkpoint"]: float(r["baseline"]) for r in _rows(d, "results-heldout.csv")}
+    cells: Dict[tuple, Dict[str, str]] = {}
+    for r in _rows(d, "results-byk.csv"):
+        if base.get(r["checkpoint"], 0.0) < BYK_MIN_BASELINE:
+            continue
+        method = "random-k" if r["method"] == "random" else r["method"]
+        cells.setdefault((r["checkpoint"], method), {})[r["k"]] = (
+            f"{_pts(r['reference_gain'])} / {_pts(r['heldout_mean_gain'])}"
+        )
+    body = [[c, m, *(by.get(k, "—") for k in BYK_KS)] for (c, m), by in cells.items()]
+    headers = ["checkpoint", "method", *(f"k = {int(k):,}" for k in BYK_KS)]
+    return _table(headers, ":-- :-- " + " ".join("--:" for _ in BYK_KS), body)
+
+
+def _num(x: str, fmt: str = "{:.2f}") -> str:
+    return "—" if x in (None, "") else fmt.format(float(x))
+
+
+def benchmark(d: Path) -> List[str]:
+    """The methods benchmark: cost, fidelity and gains of every scoring variant."""
+    body = []
+    for r in _rows(d, "results-benchmark.csv"):
+        group = _num(r["group_spearman"])
+        if r["group_spearman_lo"] not in (None, ""):
+            group += f" [{_num(r['group_spearman_lo'])}, {_num(r['group_spearman_hi'])}]"
+        body.append([
+            r["checkpoint"], "random-k" if r["method"] == "random" else r["method"],
+            _num(r["curvature_products"], "{:.0f}"), _num(r["seconds"], "{:.0f}"),
+            _num(r["single_spearman"]), group, _pts(r["in_sample_gain"]), _pts(r["heldout_gain"]),
+            f"{_pts(r['in_sample_gain_at_fixed_k'])} / {_pts(r['heldout_gain_at_fixed_k'])}",
+            _num(r["false_positive_rate"], "{:.1%}").replace("%", " %"),
+        ])  # fmt: skip
+    headers = ["checkpoint", "method", "curvature products", "seconds", "single-parameter Spearman",
+               "group Spearman [95 % CI]", "reference gain", "held-out gain",
+               "gain at k = 5,000 (reference / held-out)", "false-positive rate of the gradient rule"]  # fmt: skip
+    return _table(headers, ":-- :-- --: --: --: --: --: --: --: --:", body)
+
+
+def spectrum(d: Path) -> List[str]:
+    body = [
+        [
+            r["checkpoint"],
+            r["label"],
+            f"{float(r['lambda_min']):.3g}",
+            f"{float(r['lambda_max']):.3g}",
+            f"{float(r['trace']):.0f} ± {float(r['trace_std'] or 0):.0f}",
+            r["n_matvec"],
+        ]
+        for r in _rows(d, "results-spectrum.csv")
+    ]
+    headers = ["checkpoint", "curvature", "λ_min", "λ_max", "trace", "products"]
+    return _table(headers, ":-- :-- --: --: --: --:", body)
+
+
+def summary(d: Path) -> str:
+    blocks = [
+        "<!-- written by docs/results/summarize.py from this directory's CSVs -->",
+        "## Both protocols, with the controls", "\n".join(headline(d)),
+        "## Across fine-tuning seeds", "\n".join(seeds(d)),
+        "## Gain at k removals, reference / held-out (checkpoints from 70 % baseline up)",
+        "\n".join(by_k(d)),
+        "## Curvature spectrum", "\n".join(spectrum(d)),
+    ]  # fmt: skip
+    if any(r["method"].startswith("influence-") for r in _rows(d, "results-benchmark.csv")):
+        blocks += ["## Methods benchmark", "\n".join(benchmark(d))]
+    return "\n\n".join(blocks) + "\n"
+
+
+if __name__ == "__main__":
+    here = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent
+    sys.stdout.write(summary(here))
