@@ -41,19 +41,29 @@ CKPTS=("$OUT/ft-1k-s0/s0-60" "$OUT/ft-1k-s0/s0-75" "$OUT/ft-full/full-85"
        "$OUT/ft-1k-s1/s1-75" "$OUT/ft-1k-s2-every1/s2-60" "$OUT/ft-1k-s2-every1/s2-75")
 "$MFTX" analyze "${CKPTS[@]}" "${COMMON[@]}" "${BASE[@]}" --out "$OUT/an"
 
-# 4. The methods benchmark at the 60 % checkpoint: every scoring variant (MINRES on the
-#    Hessian, auto-damped CG, CG on the GGN, the rank-20 Lanczos inverse, EK-FAC), single-
-#    parameter fidelity (60 samples) and group fidelity (50 random subsets per k, top-k
-#    and flagged subsets). It starts from step 3's records for that checkpoint.
-if [ ! -d "$OUT/bench/s0-60" ]; then mkdir -p "$OUT/bench" && cp -r "$OUT/an/s0-60" "$OUT/bench/"; fi
-"$MFTX" analyze "$OUT/ft-1k-s0/s0-60" "${COMMON[@]}" \
-  --methods gradient,taylor,magnitude,influence,influence-cg-auto,influence-ggn-cg,influence-lanczos,influence-ekfac \
-  --fidelity-samples 60 --group-subsets 50 --group-flagged 2 --group-ks 10,100,1000,10000 \
-  --out "$OUT/bench"
+# 4. The methods benchmark at the 60 % and the 90 % checkpoint: every scoring variant
+#    (MINRES on the Hessian, auto-damped CG, CG on the GGN, the rank-20 Lanczos inverse,
+#    EK-FAC; at 60 % also OBD, whose 16 Hutchinson probes of the dev-set Hessian cost
+#    about 40 min on one core), single-parameter fidelity (60 samples) and group fidelity
+#    (50 random subsets per k, top-k and flagged subsets). Each starts from step 3's
+#    records for its checkpoint.
+VARIANTS=gradient,taylor,magnitude,influence,influence-cg-auto,influence-ggn-cg,influence-lanczos,influence-ekfac
+BENCH=(--fidelity-samples 60 --group-subsets 50 --group-flagged 2 --group-ks 10,100,1000,10000)
+bench() {  # bench CHECKPOINT_DIR RUN_DIR METHODS
+  local name; name=$(basename "$1")
+  if [ ! -d "$2/$name" ]; then mkdir -p "$2" && cp -r "$OUT/an/$name" "$2/"; fi
+  "$MFTX" analyze "$1" "${COMMON[@]}" --methods "$3" "${BENCH[@]}" --out "$2"
+}
+bench "$OUT/ft-1k-s0/s0-60" "$OUT/bench" "$VARIANTS,obd"
+bench "$OUT/ft-full/full-90" "$OUT/bench90" "$VARIANTS"
 
 # 5. Tables, CSV/JSON and plots; paths in every written file are relative to its directory.
 "$MFTX" report "$OUT/an" --out docs/results
 "$MFTX" report "$OUT/bench" --out docs/results/methods
+"$MFTX" report "$OUT/bench90" --out docs/results/methods-90
+for d in docs/results docs/results/methods docs/results/methods-90; do
+  "$PYTHON" docs/results/summarize.py "$d" > "$d/summary.md"  # the README's tables
+done
 for run in ft-1k-s0 ft-1k-s1 ft-1k-s2-every1 ft-full; do
   "$PYTHON" -c 'import sys; from mftx.fileio import copy_json; copy_json(*sys.argv[1:])' \
     "$OUT/$run/finetune.json" "docs/results/finetune-${run#ft-}.json"
