@@ -33,9 +33,11 @@ done
 #    (5 draws), the recalibration control and predicted-class shares; the training
 #    loss's Hessian spectrum on the HVP batches. The analysis uses the reference study's
 #    1,000 training rows (the checkpoint's own seed), HVPs on 4 of its 63 batches.
+#    Influence twice: as written (MINRES on H + 0.01 I) and through EK-FAC (the sampled
+#    Fisher of the same batches), the variant the methods benchmark found best at 60 %.
 COMMON=(--data "$DATA" --hvp-batches 4 --max-iter 40 --heldout --random-draws 5
         --spectrum-steps 30 --spectrum-probes 2 --no-progress)
-BASE=(--methods gradient,taylor,magnitude,influence --fidelity-samples 0)
+BASE=(--methods gradient,taylor,magnitude,influence,influence-ekfac --fidelity-samples 0)
 CKPTS=("$OUT/ft-1k-s0/s0-60" "$OUT/ft-1k-s0/s0-75" "$OUT/ft-full/full-85"
        "$OUT/ft-full/full-88" "$OUT/ft-full/full-90" "$OUT/ft-1k-s1/s1-60"
        "$OUT/ft-1k-s1/s1-75" "$OUT/ft-1k-s2-every1/s2-60" "$OUT/ft-1k-s2-every1/s2-75")
