@@ -504,3 +504,62 @@ def test_committed_results_are_portable_and_rebuild_their_report() -> None:
         plots = sorted(results.parent.glob("*.png"))
         text = (results.parent / "report.md").read_text()
         assert render_markdown(run, plots, results.parent) == text, results
+
+
+def _summarize():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("summarize", DOCS / "summarize.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_readme_results_tables_are_the_committed_summaries() -> None:
+    """Every table line of the README's Results section is a line of a summary.md, and each
+    summary.md is what docs/results/summarize.py gives from the CSVs beside it."""
+    mod = _summarize()
+    summaries = []
+    for md in sorted(DOCS.rglob("summary.md")):
+        text = md.read_text()
+        assert mod.summary(md.parent) == text, md
+        summaries.append(set(text.splitlines()))
+    assert len(summaries) >= 2  # the main run and the methods benchmark
+    readme = (DOCS.parents[1] / "README.md").read_text()
+    results = readme.split("\n## Results\n", 1)[1].split("\n## ", 1)[0]
+    lines = [x for x in results.splitlines() if x.startswith("|")]
+    assert len(lines) > 20
+    missing = [x for x in lines if not any(x in s for s in summaries)]
+    assert not missing, missing[:3]
+
+
+def test_reproduce_script_parses_and_uses_only_real_options() -> None:
+    """docs/results/reproduce.sh is valid bash, and each `mftx <command>` line in it passes
+    only options that command's parser knows (a renamed flag fails here, not hours in)."""
+    import argparse
+    import re
+    import subprocess
+
+    from mftx.cli import build_parser
+
+    script = DOCS / "reproduce.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    known = {name: set(p._option_string_actions) for name, p in sub.choices.items()}
+    # Logical lines (continuations joined); arrays of options are checked against analyze.
+    text = re.sub(r"\\\n\s*", " ", script.read_text())
+    text = re.sub(r"\(\s*\n\s*", "(", text)
+    text = re.sub(r"\n\s+(?=--)", " ", text)
+    used = {}
+    for line in text.splitlines():
+        line = line.split("#", 1)[0]
+        m = re.search(r'"\$MFTX" (\w+)', line)
+        command = m.group(1) if m else ("analyze" if re.match(r"\s*\w+=\(--", line) else None)
+        if command is None:
+            continue
+        assert command in known, line
+        used.setdefault(command, set()).update(re.findall(r"(?<![\w-])--[a-z][a-z-]*", line))
+    assert {"finetune", "analyze", "report"} <= set(used)
+    for command, options in used.items():
+        assert options <= known[command], (command, sorted(options - known[command]))
