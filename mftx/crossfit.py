@@ -56,7 +56,7 @@ def run(ck: Checkpoint, space: ParamSpace, cfg: AnalyzeConfig, scores: Dict[str,
         digests: Dict[str, str], score_fn: ScoreFn) -> None:  # fmt: skip
     """Fold scores, sweeps on every row set, the random-k control and group fidelity.
 
-    `scores` / `digests`: each method's scores from all dev rows; `score_fn(label,
+    `scores` / `digests`: each method's scores from all dev rows; `score_fn(label, cfg,
     half=(name, split))` gives (and records) a method's scores from one half.
     """
     split = _split(ck, cfg)

@@ -10,9 +10,10 @@ Results tables is a line of ``summary.md`` (tests/test_report.py checks it), and
 from __future__ import annotations
 
 import csv
+import json
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Union
 
 #: Sweep points shown in the gain-against-k table (the study's "past 500 removals" claim).
 BYK_KS = ("100", "500", "1000", "5000", "10000")
@@ -28,8 +29,8 @@ def _rows(d: Path, name: str) -> List[Dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def _pts(x: Optional[str]) -> str:
-    """A fraction as signed accuracy points with one decimal ("—" when empty)."""
+def _pts(x: Optional[Union[str, float]]) -> str:
+    """A fraction (a CSV cell or a number) as signed accuracy points, one decimal ("—" when empty)."""
     return "—" if x in (None, "") else f"{float(x) * 100:+.1f}"
 
 
@@ -61,7 +62,7 @@ def headline(d: Path) -> List[str]:
         )
         body.append([
             r["checkpoint"], f"{float(r['baseline']) * 100:.1f} %",
-            _pts(str(sum(recal) / len(recal))) if recal else "—", r["method"],
+            _pts(sum(recal) / len(recal)) if recal else "—", r["method"],
             _pts(r["reference_gain"]),
             f"{_pts(r['heldout_mean_gain'])} ({_pts(r['ab_gain'])} / {_pts(r['ba_gain'])})",
             _pts(r["beyond_recalibration_mean"]), pos or "—",
@@ -77,7 +78,7 @@ def seeds(d: Path) -> List[str]:
         [
             f"{float(r['target']) * 100:.0f} %",
             r["method"],
-            ", ".join(eval_list(r["checkpoints"])),
+            ", ".join(_json_list(r["checkpoints"])),
             _pm(r, "reference_gain"),
             _pm(r, "heldout_gain"),
             _pm(r, "beyond_recalibration"),
@@ -89,10 +90,8 @@ def seeds(d: Path) -> List[str]:
     return _table(headers, "--: :-- :-- --: --: --:", body)
 
 
-def eval_list(text: str) -> List[str]:
+def _json_list(text: str) -> List[str]:
     """A JSON list of strings as the CSV holds it."""
-    import json
-
     return [str(x) for x in json.loads(text)]
 
 

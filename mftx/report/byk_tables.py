@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional
 
 from ..protocol import Heldout, _fold_sets
 from .cells import fmt_gain
+from .heldout_tables import _fold_key
 from .load import Checkpoint, Run
 from .summaries import FOLDS, RANDOM, protocol_methods
 from .tables import fmt_count, markdown_table
@@ -51,7 +52,7 @@ def _method_rows(ckpt: Checkpoint, method: str) -> List[Dict[str, Any]]:
         for name, sel, ev in FOLDS:
             acc = _accuracy(h, "*" if method == RANDOM else _fold_sets(h, sel), k, ev)
             gain = None if acc is None else acc - base[ev]
-            row[f"{name.replace('->', '').lower()}_gain"] = gain
+            row[f"{_fold_key(name)}_gain"] = gain
             if gain is not None:
                 folds.append(gain)
         row["heldout_mean_gain"] = _mean(folds) if len(folds) == len(FOLDS) else None
