@@ -49,8 +49,9 @@ import pytest
 import torch
 
 import mftx
-from mftx import ekfac, solvers, spectra
-from mftx.lowrank import LowRankInverse
+from mftx.curvature import spectra
+from mftx.inverse import ekfac, solvers
+from mftx.inverse.lowrank import LowRankInverse
 
 N_BATCHES = 4
 BATCH, LENGTH = 16, 64

@@ -16,7 +16,7 @@ analysed weights: 12 layers x (4 x 768x768, 3072x768, 768x3072) = 72 tensors,
 the 85M scores in a fresh subprocess per case (``python bench_ops.py --memory``).
 
 Two builds of the kernels, side by side over the same 85M inputs (calls of the raw
-modules, alternating, the fastest of ROUNDS: on a shared machine the noise only adds; the mftx._C of this checkout against another
+modules, alternating, the fastest of ROUNDS: on a shared machine the noise only adds; the mftx.ops._C of this checkout against another
 build's ``_C*.so``, e.g. one copied out of site-packages before a change):
 
     python benchmarks/bench_ops.py --compare-build OTHER/_C.cpython-311-x86_64-linux-gnu.so [ROUNDS]
@@ -277,7 +277,7 @@ def test_topk_memory_85m(benchmark, impl, k):
 
 
 def load_build(path: str):
-    """Another build of mftx._C, loaded beside this one (not registered as mftx._C)."""
+    """Another build of mftx.ops._C, loaded beside this one (not registered as mftx.ops._C)."""
     spec = importlib.util.spec_from_file_location("mftx_other_build._C", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

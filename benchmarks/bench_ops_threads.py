@@ -1,6 +1,6 @@
 """mftx's OpenMP threads beside torch's: what the mftx thread count costs or saves.
 
-torch and mftx._C share one OpenMP runtime (libgomp, loaded once under one soname),
+torch and mftx.ops._C share one OpenMP runtime (libgomp, loaded once under one soname),
 so on one Python thread their parallel regions take turns on one pool of workers;
 each further Python thread that calls either gets a pool of its own, and pools
 running at the same time compete for the cores (oversubscription).

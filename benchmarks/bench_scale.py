@@ -18,7 +18,7 @@ allocated) and the part of it above them ("extra").
 and Lanczos vectors stay float32 (each such run adds a row with the relative
 difference of one product from float32). A Lanczos step is timed twice: as a
 plain loop (one Hessian product and a reorthogonalisation against the stored
-vectors) and through `mftx.lanczos` (the engine behind `mftx.spectrum`,
+vectors) and through `mftx.curvature.lanczos` (the engine behind `mftx.spectrum`,
 ``damping="auto"`` and ``solver="lanczos"``); EK-FAC as one ``solver="ekfac"``
 score (fit and solve).
 """
@@ -154,7 +154,7 @@ def _product(curvature: str, mode: str, cache: bool = False):
 
 
 def _cg_iteration(s: Setting) -> Callable[[], Any]:
-    from mftx import solvers
+    from mftx.inverse import solvers
 
     op = s.curvature("ggn")
     b = s.vector()
@@ -194,7 +194,7 @@ def _lanczos_plain(s: Setting) -> Callable[[], Any]:
 
 
 def _lanczos_library(s: Setting) -> Callable[[], Any]:
-    from mftx.lanczos import lanczos
+    from mftx.curvature.lanczos import lanczos
 
     op = s.curvature()
     steps = s.args.lanczos_vectors
@@ -270,7 +270,7 @@ WORKLOADS: Dict[str, Any] = {
     "ggn-fwd-rev": ("GGN product, fwd-rev", _product("ggn", "fwd-rev")),
     "cg-iteration": ("CG iteration (GGN, rev-rev)", _cg_iteration),
     "lanczos-plain": ("Lanczos step, plain loop (1 HVP + reorthogonalisation)", _lanczos_plain),
-    "lanczos": ("Lanczos step (mftx.lanczos: 1 HVP + full reorthogonalisation)", _lanczos_library),
+    "lanczos": ("Lanczos step (mftx.curvature.lanczos: 1 HVP + full reorthogonalisation)", _lanczos_library),
     "ekfac": ("EK-FAC fit + solve (score, solver='ekfac')", _ekfac_fit),
     "topk": (f"top-k, k = {TOPK:,}, over the analysed parameters", _topk),
     "mask-restore": (f"mask_ + restore_ of {TOPK:,} entries", _mask_restore),

@@ -28,12 +28,14 @@ import torch
 try:
     import torch_xla
 
-    torch_xla.device()  # before autograd first runs (see mftx.xla)
+    torch_xla.device()  # before autograd first runs (see mftx.backends.xla)
 except ImportError:  # eager and compile still run
     torch_xla = None
 
 import mftx
-from mftx import NegativeCurvatureError, solvers, xla
+from mftx import NegativeCurvatureError
+from mftx.backends import xla
+from mftx.inverse import solvers
 
 
 def tiny_bert():

@@ -28,9 +28,10 @@ from pathlib import Path
 import torch
 
 import mftx
-from mftx import solvers, spectra
+from mftx.curvature import hvp, spectra
 from mftx.data import load_sst2, make_batches
 from mftx.evaluate import length_sorted
+from mftx.inverse import solvers
 from mftx.models import load_classifier, read_metadata
 
 
@@ -39,7 +40,7 @@ def _batches(ckpt: Path, data: str, train_size: int, hvp_batches: int):
     seed = int(read_metadata(ckpt).get("seed", 0))
     ds = load_sst2(data, train_size, seed, tokenizer=tok, max_length=64)
     train = ds.train_batches(16, shuffle=True, seed=seed)
-    idx = solvers.sample_indices(len(train), hvp_batches, 0)
+    idx = hvp.sample_indices(len(train), hvp_batches, 0)
     dev = make_batches(length_sorted(ds.dev, tok), tok, 64, max_length=64)
     return model.eval(), [train[i] for i in idx], dev
 

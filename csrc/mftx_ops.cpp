@@ -1,4 +1,4 @@
-// mftx._C: sparse candidate gathering and masking over lists of float32 buffers.
+// mftx.ops._C: sparse candidate gathering and masking over lists of float32 buffers.
 //
 // The module never links libtorch. Python hands over CPU tensors as NumPy views
 // (`t.detach().view(-1).numpy()`), so the wheel works with any torch version.

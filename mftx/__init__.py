@@ -2,21 +2,36 @@
 
 Data flows one way: model + data → `score` → `Scores.candidates` / `flagged`
 (`mftx.ops`) → masks (`mftx.ops.mask_` / `restore_`) → evaluation → report.
+
+The package, by layer (each imports only the layers below it):
+
+- this module: the public API, re-exported from the modules beside it
+  (`scoring`, `scores`, `masking`, `evaluate`, `data`, `models`);
+- `mftx.inverse`: CG, MINRES, LiSSA, the low-rank and EK-FAC inverses;
+- `mftx.backends`: eager, torch.compile and torch_xla;
+- `mftx.curvature`: gradients, curvature products, Lanczos, spectra;
+- `mftx.core`: the analysed parameters and the loss;
+- `mftx.ops` (compiled ops and their twins), `mftx.fileio` (files), `mftx.errors`.
+
+The study (`mftx.study`: fine-tuning, analysis, protocols, report) and the
+command line (`mftx.cli`) sit on top; nothing here imports them.
 """
 
-from . import ekfac, lanczos, lowrank, ops, spectra
+from . import ops
 from ._version import __version__
+from .core.objective import HFClassification, Objective, batch_size
+from .core.params import DEFAULT_EXCLUDE, ParamSpace, select_params
+from .curvature import lanczos, memory, spectra
+from .curvature.hvp import Curvature
+from .curvature.spectra import Spectrum, spectrum
 from .errors import NegativeCurvatureError, NonFiniteError, SolverDivergedError
-from .hvp import Curvature
-from .lowrank import LowRankInverse
+from .inverse import ekfac, lowrank
+from .inverse.lowrank import LowRankInverse
+from .inverse.solvers import SolveResult
 from .masking import MaskStack, masked
-from .objective import HFClassification, Objective, batch_size
 from .ops import Candidates
-from .params import DEFAULT_EXCLUDE, ParamSpace, select_params
 from .scores import METHODS, Scores
 from .scoring import ScoreConfig, score
-from .solvers import SolveResult
-from .spectra import Spectrum, spectrum
 
 __all__ = [
     "DEFAULT_EXCLUDE",
@@ -41,6 +56,7 @@ __all__ = [
     "lanczos",
     "lowrank",
     "masked",
+    "memory",
     "ops",
     "score",
     "select_params",

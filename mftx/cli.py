@@ -101,7 +101,7 @@ def _close_logging() -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from .experiments import FinetuneConfig, describe_finetune, finetune
+    from .study.finetune import FinetuneConfig, describe_finetune, finetune
 
     cfg = FinetuneConfig(
         model=args.model, data=args.data, train_size=args.train_size, batch_size=args.batch_size,
@@ -117,7 +117,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def _analyze_config(args: argparse.Namespace):
-    from .analysis import AnalyzeConfig
+    from .study.config import AnalyzeConfig
 
     return AnalyzeConfig(
         data=args.data, train_size=args.train_size, seed=args.seed, methods=args.methods,
@@ -135,7 +135,7 @@ def _analyze_config(args: argparse.Namespace):
 
 
 def _expand_checkpoints(paths: Sequence[str]) -> List[Path]:
-    from .experiments import checkpoints_of
+    from .study.finetune import checkpoints_of
 
     out: List[Path] = []
     for p in paths:
@@ -153,8 +153,8 @@ def _expand_checkpoints(paths: Sequence[str]) -> List[Path]:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from .analysis import analyze
-    from .report import format_tables, load_run
+    from .study.analysis import analyze
+    from .study.report import format_tables, load_run
 
     cfg = _analyze_config(args)
     cfg.validate()
@@ -166,7 +166,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import format_tables, load, write_report
+    from .study.report import format_tables, load, write_report
 
     path = write_report(Path(args.run_dir), Path(args.out) if args.out else None)
     print(format_tables(load(Path(args.run_dir))))
@@ -175,9 +175,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .analysis import AnalyzeConfig, analyze
-    from .experiments import FinetuneConfig, checkpoints_of, describe_finetune, finetune
-    from .report import format_tables, load_run, write_report
+    from .study.analysis import analyze
+    from .study.config import AnalyzeConfig
+    from .study.finetune import FinetuneConfig, checkpoints_of, describe_finetune, finetune
+    from .study.report import format_tables, load_run, write_report
 
     out = Path(args.out)
     _setup_logging(out, "demo", args)
@@ -216,7 +217,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_selfcheck(args: argparse.Namespace) -> int:
-    from .selfcheck import run
+    from .ops.selfcheck import run
 
     return run(size=args.size)
 
@@ -241,9 +242,9 @@ def _data_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .analysis import DEFAULT_GROUP_KS, DEFAULT_KS, DEFAULT_LOCATION_KS
-    from .experiments import DEFAULT_TARGETS
-    from .solvers import SOLVERS
+    from .inverse.solvers import SOLVERS
+    from .study.config import DEFAULT_GROUP_KS, DEFAULT_KS, DEFAULT_LOCATION_KS
+    from .study.finetune import DEFAULT_TARGETS
 
     parser = argparse.ArgumentParser(
         prog="mftx", description="Mask fine-tuning of transformer classifiers.", allow_abbrev=False

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+from .core.params import ParamSpace
 from .ops import Candidates
-from .params import ParamSpace
 
 __all__ = ["ZeroingEvaluator", "evaluate", "length_sorted"]
 

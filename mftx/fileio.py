@@ -17,6 +17,8 @@
   ``..``, ``./x`` or ``../x``. `loads` with the same root turns such strings back into
   absolute path strings, so a document copied into a file with another root is
   re-expressed correctly (and what is read holds JSON types only).
+- `Reader`: typed access to the fields of a JSON object read back; its errors
+  (`FileFormatError`) name the file and the field.
 """
 
 from __future__ import annotations
@@ -28,11 +30,12 @@ import os
 import re
 import secrets
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 __all__ = [
     "NON_FINITE_KEY",
     "FileFormatError",
+    "Reader",
     "atomic_target",
     "atomic_write",
     "copy_json",
@@ -335,3 +338,112 @@ def read_json(path: PathLike, root: Optional[PathLike] = None) -> Any:
 def copy_json(src: PathLike, dst: PathLike) -> Path:
     """Copy a JSON file `write_json` wrote, re-expressing its relative paths for `dst`'s place."""
     return write_json(dst, read_json(src))
+
+
+_REQUIRED = object()
+
+
+# --------------------------------------------------------------------------- reading fields
+
+
+class Reader:
+    """One JSON object of a file with typed field access; errors name the file and field."""
+
+    def __init__(self, obj: Any, path: Union[str, Path], where: str = "") -> None:
+        self.file = path
+        self.where = where
+        if not isinstance(obj, dict):
+            what = f"field {where!r}" if where else "the document"
+            raise FileFormatError(path, f"{what} must be a JSON object, got {type(obj).__name__}")
+        self.obj = obj
+
+    def _name(self, key: Union[str, int]) -> str:
+        return f"{self.where}.{key}" if self.where else str(key)
+
+    def fail(self, key: Union[str, int], problem: str) -> FileFormatError:
+        return FileFormatError(self.file, f"field {self._name(key)!r} {problem}")
+
+    def has(self, key: str) -> bool:
+        return self.obj.get(key) is not None
+
+    def raw(self, key: str, default: Any = _REQUIRED) -> Any:
+        if key not in self.obj:
+            if default is _REQUIRED:
+                where = f" in {self.where!r}" if self.where else ""
+                raise FileFormatError(self.file, f"missing field {key!r}{where}")
+            return default
+        return self.obj[key]
+
+    def int(self, key: str, default: Any = _REQUIRED) -> Optional[int]:
+        """An integer (an integral float is accepted; booleans are not)."""
+        value = self.raw(key, default)
+        if value is None or value is default:
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.fail(key, f"must be an integer, got {value!r}")
+        if isinstance(value, float) and not value.is_integer():
+            raise self.fail(key, f"must be an integer, got {value!r}")
+        return int(value)
+
+    def float(self, key: str, default: Any = _REQUIRED) -> float:
+        """A number; null reads as NaN."""
+        value = self.raw(key, default)
+        if value is None:
+            return math.nan
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.fail(key, f"must be a number, got {value!r}")
+        return float(value)
+
+    def opt_float(self, key: str) -> Optional[float]:
+        """A number, or None when the field is null or absent."""
+        return None if self.raw(key, None) is None else self.float(key)
+
+    def str(self, key: str, default: Any = _REQUIRED) -> Optional[str]:
+        value = self.raw(key, default)
+        if value is not None and not isinstance(value, str):
+            raise self.fail(key, f"must be a string, got {value!r}")
+        return value
+
+    def bool(self, key: str, default: Any = _REQUIRED) -> Optional[bool]:
+        value = self.raw(key, default)
+        if value is not None and not isinstance(value, bool):
+            raise self.fail(key, f"must be true or false, got {value!r}")
+        return value
+
+    def path(self, key: str, default: Any = None) -> Optional[Path]:
+        """A path (written relative, read back absolute by `mftx.fileio`)."""
+        value = self.raw(key, default)
+        if value is None or isinstance(value, Path):
+            return value
+        if isinstance(value, str) and os.path.isabs(value):
+            return Path(value)
+        raise self.fail(key, f"must be a relative path ('./...' or '../...'), got {value!r}")
+
+    def dict(self, key: str, default: Any = _REQUIRED) -> Dict[str, Any]:
+        value = self.raw(key, default)
+        if not isinstance(value, dict):
+            raise self.fail(key, f"must be a JSON object, got {type(value).__name__}")
+        return value
+
+    def list(self, key: str, default: Any = _REQUIRED) -> List[Any]:
+        value = self.raw(key, default)
+        if not isinstance(value, list):
+            raise self.fail(key, f"must be a list, got {type(value).__name__}")
+        return value
+
+    def sub(self, key: str) -> Reader:
+        return Reader(self.raw(key), self.file, self._name(key))
+
+    def opt(self, key: str, cls: Any) -> Any:
+        """``cls.from_json`` of the field, or None when it is null or absent."""
+        return cls.from_json(self.sub(key)) if self.has(key) else None
+
+    def each(self, key: str) -> List[Reader]:
+        return [
+            Reader(v, self.file, self._name(f"{key}[{i}]")) for i, v in enumerate(self.list(key))
+        ]
+
+    def mapping(self, key: str) -> Dict[str, Reader]:
+        return {
+            k: Reader(v, self.file, self._name(f"{key}.{k}")) for k, v in self.dict(key).items()
+        }

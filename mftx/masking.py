@@ -17,8 +17,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import ops
+from .core.params import ParamSpace
 from .ops import Candidates
-from .params import ParamSpace
 
 __all__ = ["MaskStack", "check_ks", "fingerprint", "masked", "sweep"]
 

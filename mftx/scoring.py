@@ -19,7 +19,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Union
 
@@ -27,11 +27,21 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import ekfac, ops, solvers, spectra
-from .backends import BACKENDS, get_backend
-from .hvp import CURVATURES, MODES, Curvature, batch_weights, resolve_batch_size
-from .objective import check_batches, default_loss
-from .params import ParamSpace, select_params
+from . import ops
+from ._config import help_field
+from .backends.backend import BACKENDS, get_backend
+from .core.objective import check_batches, default_loss
+from .core.params import ParamSpace, select_params
+from .curvature import spectra
+from .curvature.hvp import (
+    CURVATURES,
+    MODES,
+    Curvature,
+    batch_weights,
+    resolve_batch_size,
+    sample_indices,
+)
+from .inverse import ekfac, solvers
 from .scores import METHODS, Scores
 
 __all__ = ["ScoreConfig", "score"]
@@ -39,85 +49,87 @@ __all__ = ["ScoreConfig", "score"]
 log = logging.getLogger("mftx")
 
 
-def _help(text: str, default: Any) -> Any:
-    return field(default=default, metadata={"help": text})
-
-
 @dataclass
 class ScoreConfig:
     """Every setting of a scoring run (recorded with the scores)."""
 
-    method: str = _help("gradient | influence | taylor | obd | magnitude", "influence")
-    solver: str = _help(
+    method: str = help_field("gradient | influence | taylor | obd | magnitude", "influence")
+    solver: str = help_field(
         "inverse-HVP solver: cg | minres (indefinite systems) | lissa | explicit | lanczos "
         "(low-rank inverse from eigenpairs) | ekfac (Kronecker-factored Fisher, no products)",
         "minres",
     )
-    curvature: str = _help("hessian | ggn (generalised Gauss-Newton, PSD)", "hessian")
-    damping: Union[float, str] = _help(
+    curvature: str = help_field("hessian | ggn (generalised Gauss-Newton, PSD)", "hessian")
+    damping: Union[float, str] = help_field(
         "λ added to the curvature: solves (H + λI) s = ∇L_val; 'auto': from the estimated "
         "spectrum, λ = μ + max(0.1 μ, 0.01 ρ), μ = max(0, −λ_min), ρ the spectral radius",
         0.01,
     )
-    max_iter: int = _help("CG / MINRES iteration cap", 100)
-    tol: float = _help("CG / MINRES stop at relative residual <= tol; LiSSA at update <= tol", 1e-6)
-    lr: float = _help("learning rate of the gradient rule |θ − lr·g| < |θ|", 2e-5)
-    backend: str = _help("eager | compile (torch.compile) | xla (torch_xla)", "eager")
-    hvp_mode: str = _help("rev-rev | fwd-rev | double-backward", "rev-rev")
-    cache_graphs: Union[bool, str] = _help(
+    max_iter: int = help_field("CG / MINRES iteration cap", 100)
+    tol: float = help_field(
+        "CG / MINRES stop at relative residual <= tol; LiSSA at update <= tol", 1e-6
+    )
+    lr: float = help_field("learning rate of the gradient rule |θ − lr·g| < |θ|", 2e-5)
+    backend: str = help_field("eager | compile (torch.compile) | xla (torch_xla)", "eager")
+    hvp_mode: str = help_field("rev-rev | fwd-rev | double-backward", "rev-rev")
+    cache_graphs: Union[bool, str] = help_field(
         "True (double-backward): keep each batch's first-order graph; 'auto': only when the "
         "graphs of all HVP batches fit cache_budget x the free memory",
         False,
     )
-    cache_budget: float = _help("cache_graphs='auto': share of free memory graphs may take", 0.5)
-    hvp_batches: Optional[int] = _help(
+    cache_budget: float = help_field(
+        "cache_graphs='auto': share of free memory graphs may take", 0.5
+    )
+    hvp_batches: Optional[int] = help_field(
         "use this many training batches (seeded) for HVPs; None: all", None
     )
-    fixed_iterations: bool = _help(
+    fixed_iterations: bool = help_field(
         "CG runs exactly max_iter iterations, no host sync inside", False
     )
-    on_negative_curvature: str = _help("raise | stop: what CG does on pᵀ(H+λI)p <= 0", "raise")
-    lissa_scale: float = _help("LiSSA scale (> largest eigenvalue of H + λI)", 10.0)
-    lissa_depth: int = _help("LiSSA recursion depth", 100)
-    lissa_repeats: int = _help("LiSSA repeats averaged", 1)
-    lissa_stochastic: bool = _help("LiSSA: one sampled batch per step instead of all", False)
-    rank: int = _help("solver='lanczos': eigenpairs of largest |λ| kept", 20)
-    lanczos_steps: int = _help(
+    on_negative_curvature: str = help_field("raise | stop: what CG does on pᵀ(H+λI)p <= 0", "raise")
+    lissa_scale: float = help_field("LiSSA scale (> largest eigenvalue of H + λI)", 10.0)
+    lissa_depth: int = help_field("LiSSA recursion depth", 100)
+    lissa_repeats: int = help_field("LiSSA repeats averaged", 1)
+    lissa_stochastic: bool = help_field("LiSSA: one sampled batch per step instead of all", False)
+    rank: int = help_field("solver='lanczos': eigenpairs of largest |λ| kept", 20)
+    lanczos_steps: int = help_field(
         "Lanczos cap (curvature products) for damping='auto' and solver='lanczos'", 60
     )
-    lanczos_tol: float = _help(
+    lanczos_tol: float = help_field(
         "Lanczos stops once the wanted Ritz values' error bounds are <= this × max|θ|", 1e-3
     )
-    lowrank_file: Optional[str] = _help(
+    lowrank_file: Optional[str] = help_field(
         "solver='lanczos': load the eigenpairs from this safetensors file if it exists (no "
         "curvature products), else compute and save them there",
         None,
     )
-    fisher: str = _help("solver='ekfac': sampled (labels from the model) | empirical", "sampled")
-    probes: int = _help(
+    fisher: str = help_field(
+        "solver='ekfac': sampled (labels from the model) | empirical", "sampled"
+    )
+    probes: int = help_field(
         "OBD: Hutchinson probes for diag(H_val); 0: exact diagonal (small spaces)", 16
     )
-    seed: int = _help("seed for batch subsampling, LiSSA sampling and probes", 0)
-    max_explicit: int = _help(
+    seed: int = help_field("seed for batch subsampling, LiSSA sampling and probes", 0)
+    max_explicit: int = help_field(
         "largest parameter count the explicit solver accepts", solvers.MAX_EXPLICIT
     )
-    xla_compile: bool = _help(
+    xla_compile: bool = help_field(
         "backend='xla': also torch.compile(backend='openxla') the per-batch HVP", False
     )
-    distributed: Optional[bool] = _help(
+    distributed: Optional[bool] = help_field(
         "all-reduce gradients and HVPs over torch.distributed ranks (None: when initialised)", None
     )
-    batch_size_fn: Optional[Callable[[Any], float]] = _help(
+    batch_size_fn: Optional[Callable[[Any], float]] = help_field(
         "batch -> its weight in the dataset mean (examples, tokens); None: the loss's own "
         "count (Objective.batch_size; the HF loss counts labelled entries)",
         None,
     )
-    num_examples: Optional[Mapping[str, float]] = _help(
+    num_examples: Optional[Mapping[str, float]] = help_field(
         "{'train': N, 'val': M}: divide dataset sums by these counts instead of the summed "
         "batch sizes (e.g. losses summed over rows)",
         None,
     )
-    progress: bool = _help("show tqdm progress bars", True)
+    progress: bool = help_field("show tqdm progress bars", True)
 
     def validate(self) -> None:
         def one_of(name, options):
@@ -339,7 +351,7 @@ def _gradient(model, space, train, val, loss_fn, cfg):
 def _influence(model, space, train, val, loss_fn, cfg):
     val_op = _curvature(model, space, val, loss_fn, cfg, "val")
     g_val, val_loss = val_op.gradient(_progress(val, cfg, "val gradient"), "validation loss")
-    idx = solvers.sample_indices(len(train), cfg.hvp_batches, cfg.seed)
+    idx = sample_indices(len(train), cfg.hvp_batches, cfg.seed)
     share = 1.0
     if len(idx) < len(train) and (cfg.num_examples or {}).get("train") is not None:
         w = batch_weights(resolve_batch_size(loss_fn, cfg.batch_size_fn), train)
@@ -410,7 +422,7 @@ def _solve(op: Curvature, b: torch.Tensor, cfg: ScoreConfig, stats: dict) -> sol
 
 def _lowrank_solve(op: Curvature, b: torch.Tensor, cfg: ScoreConfig, stats: dict):
     """solver="lanczos": eigenpairs from Lanczos (or `lowrank_file`), then V(Λ + λ)⁻¹Vᵀb."""
-    from .lowrank import LowRankInverse
+    from .inverse.lowrank import LowRankInverse
 
     t0 = time.perf_counter()
     space = op.space

@@ -87,7 +87,7 @@ def tiny_bert_problem(seed: int = 0):
 
 
 def mean_loss_fn(model, space: mftx.ParamSpace, batches: List[dict], objective):
-    """flat θ -> batch-size-weighted mean loss, written independently of mftx.hvp."""
+    """flat θ -> batch-size-weighted mean loss, written independently of mftx.curvature.hvp."""
     names = space.names
 
     def f(flat):

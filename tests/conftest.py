@@ -9,7 +9,7 @@ import mftx.ops
 
 @pytest.fixture(scope="session")
 def cpp():
-    """The compiled module `mftx._C`; skips the test when it did not load."""
+    """The compiled module `mftx.ops._C`; skips the test when it did not load."""
     if not mftx.ops.HAS_CPP:
         pytest.skip(f"compiled ops unavailable: {mftx.ops.IMPORT_ERROR}")
     from mftx.ops import _compiled

@@ -180,8 +180,8 @@ def test_outputs_hold_no_absolute_path(workspace, finetuned, analyzed):
 @pytest.fixture
 def calls(monkeypatch):
     """Counts of the expensive steps of `analyze`: scoring, evaluations, zeroings."""
-    import mftx.analysis as analysis
-    import mftx.fidelity as fidelity
+    import mftx.study.analysis as analysis
+    import mftx.study.fidelity as fidelity
 
     counts = {"score": [], "evaluate": 0, "delta": 0}
     real_score, real_eval = analysis.score_with_config, analysis.evaluate
@@ -229,7 +229,7 @@ def test_rerun_reuses_every_stage(workspace, finetuned, analyzed, tmp_path, call
 
 
 def test_added_method_computes_only_its_stages(workspace, finetuned, tmp_path, calls):
-    from mftx.fidelity import choose_samples
+    from mftx.study.fidelity import choose_samples
 
     data = workspace[1]
     out = tmp_path / "an"
@@ -255,7 +255,7 @@ def test_added_method_computes_only_its_stages(workspace, finetuned, tmp_path, c
         m: mftx.Scores.load(ck / f"scores-{m}.safetensors")
         for m in ("gradient", "influence", "taylor")
     }
-    from mftx.indexing import FlatIndex
+    from mftx.ops.indexing import FlatIndex
 
     layout = FlatIndex.of(scores["gradient"].tensors())
     fresh = {layout.split(g) for g in choose_samples(scores, 12)}
@@ -303,7 +303,7 @@ def _interrupt_after(monkeypatch, owner, name, n):
 
 
 def test_interrupted_fidelity_resumes(workspace, finetuned, analyzed, tmp_path, monkeypatch):
-    import mftx.fidelity as fidelity
+    import mftx.study.fidelity as fidelity
 
     out, ck = _copy(analyzed, tmp_path)
     full = _results(ck / "fidelity.json")
@@ -325,7 +325,7 @@ def test_interrupted_fidelity_resumes(workspace, finetuned, analyzed, tmp_path, 
 
 
 def test_interrupted_sweep_resumes(workspace, finetuned, analyzed, tmp_path, monkeypatch, calls):
-    import mftx.analysis as analysis
+    import mftx.study.analysis as analysis
 
     out, ck = _copy(analyzed, tmp_path)
     full = _results(ck / "sweep-taylor.json")

@@ -10,7 +10,7 @@ from torch import nn
 from torch.func import functional_call, grad
 
 import mftx
-from mftx import ekfac
+from mftx.inverse import ekfac
 
 
 def rel(a, b):

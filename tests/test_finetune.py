@@ -13,8 +13,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from test_cli import workspace  # noqa: F401  (the tiny BERT and TSVs)
 
-from mftx import experiments
-from mftx.experiments import FinetuneConfig, finetune, lr_factor
+from mftx.study import finetune as experiments
+from mftx.study.finetune import FinetuneConfig, finetune, lr_factor
 
 
 def test_linear_schedule_warms_up_then_decays_to_zero():

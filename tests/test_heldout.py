@@ -14,10 +14,10 @@ from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from mftx import groups
-from mftx.heldout import DevRows, RowSplit, best_offset, row_metrics, two_fold
-from mftx.location import kind_of, layer_of, locate, location_table
 from mftx.ops import Candidates
+from mftx.study import groups
+from mftx.study.heldout import DevRows, RowSplit, best_offset, row_metrics, two_fold
+from mftx.study.location import kind_of, layer_of, locate, location_table
 
 # ------------------------------------------------------------------ splits
 

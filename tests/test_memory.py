@@ -8,7 +8,7 @@ from _toys import mean_loss_fn, mlp_problem, tiny_bert_problem
 from torch.func import hessian
 
 import mftx
-from mftx import memory
+from mftx.curvature import memory
 
 
 def rel(a, b):

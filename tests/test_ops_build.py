@@ -1,4 +1,4 @@
-"""The build of `mftx._C`: one version for the package, its metadata and the module,
+"""The build of `mftx.ops._C`: one version for the package, its metadata and the module,
 and a stale module refused at import with a message that says to rebuild."""
 
 from __future__ import annotations
@@ -55,8 +55,8 @@ def test_stale_build_falls_back_to_reference_at_import():
     HAS_CPP False (so CI's MFTX_REQUIRE_CPP=1 guard fails, naming the cause)."""
     code = (
         "import sys, types, warnings\n"
-        "sys.modules['mftx._C'] = types.ModuleType('mftx._C')\n"
-        "sys.modules['mftx._C'].__version__ = '0.0.9'\n"
+        "sys.modules['mftx.ops._C'] = types.ModuleType('mftx.ops._C')\n"
+        "sys.modules['mftx.ops._C'].__version__ = '0.0.9'\n"
         "with warnings.catch_warnings(record=True) as w:\n"
         "    warnings.simplefilter('always')\n"
         "    import torch, mftx.ops as o\n"

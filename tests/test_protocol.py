@@ -11,11 +11,11 @@ import torch.nn.functional as F
 from test_cli import _analyze, _run, finetuned, workspace  # noqa: F401  (fixtures)
 
 import mftx
-from mftx import groups, protocol
-from mftx.heldout import DevRows, RowSplit, best_offset, row_metrics
-from mftx.indexing import FlatIndex
 from mftx.models import load_classifier
-from mftx.protocol import Heldout, ProtocolPoint, RowStats
+from mftx.ops.indexing import FlatIndex
+from mftx.study import groups, protocol
+from mftx.study.heldout import DevRows, RowSplit, best_offset, row_metrics
+from mftx.study.protocol import Heldout, ProtocolPoint, RowStats
 
 HELDOUT = (
     "--heldout", "--split-seed", "3", "--random-draws", "2", "--group-subsets", "3",
@@ -57,7 +57,7 @@ def test_split_scores_and_sweeps_are_recorded_per_half(heldout_run):
             assert (ck / f"scores-{m}@{h}.safetensors").is_file()
     assert not (ck / "scores-gradient@A.json").exists()
     taylor = protocol.Heldout.from_json(
-        mftx.schema.Reader(_json(ck / "heldout-taylor.json")["result"], "x")
+        mftx.fileio.Reader(_json(ck / "heldout-taylor.json")["result"], "x")
     )
     assert taylor.score_sets() == ["A", "B", "all"] and taylor.restored_bitwise
     grad = _json(ck / "heldout-gradient.json")["result"]

@@ -1,4 +1,4 @@
-"""Tests of mftx.report on synthetic run directories written with the run records."""
+"""Tests of mftx.study.report on synthetic run directories written with the run records."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional
 import pytest
 
 from mftx import fileio
-from mftx.records import (
+from mftx.study.records import (
     Baseline,
     CheckpointInfo,
     Fidelity,
@@ -26,7 +26,7 @@ from mftx.records import (
     SweepPoint,
     best_point,
 )
-from mftx.report import (
+from mftx.study.report import (
     RunFormatError,
     format_tables,
     load_results,
@@ -35,7 +35,7 @@ from mftx.report import (
     run_to_dict,
     write_report,
 )
-from mftx.report import tables as report
+from mftx.study.report import tables as report
 
 TOTAL = 22_713_986
 ANALYSED = 10_637_568

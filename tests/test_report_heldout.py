@@ -20,14 +20,14 @@ from test_report import (
     table_rows,
 )
 
-from mftx import groups, protocol
 from mftx.cli import main
-from mftx.groups import GroupFidelity, GroupSample
-from mftx.heldout import RowSplit
-from mftx.location import Location
-from mftx.protocol import Heldout, ProtocolPoint, RowStats, SplitInfo
-from mftx.records import Baseline, CheckpointInfo, Fidelity, FidelityStats, ScoresInfo
-from mftx.report import (
+from mftx.study import groups, protocol
+from mftx.study.groups import GroupFidelity, GroupSample
+from mftx.study.heldout import RowSplit
+from mftx.study.location import Location
+from mftx.study.protocol import Heldout, ProtocolPoint, RowStats, SplitInfo
+from mftx.study.records import Baseline, CheckpointInfo, Fidelity, FidelityStats, ScoresInfo
+from mftx.study.report import (
     benchmark,
     byk_tables,
     format_tables,
@@ -365,7 +365,7 @@ def test_spectrum_section_reads_spectrum_records(tmp_path: Path) -> None:
 
     import torch
 
-    from mftx.report import sections, spectrum_tables
+    from mftx.study.report import sections, spectrum_tables
 
     class FakeSpectrum:
         n, lambda_min, lambda_max, lambda_min_error, lambda_max_error = 100, -1.5, 4.25, 1e-3, 0

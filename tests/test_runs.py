@@ -11,10 +11,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mftx
-from mftx import backends, fileio, records, xla
-from mftx.fidelity import choose_samples
-from mftx.indexing import FlatIndex
-from mftx.records import (
+from mftx import fileio
+from mftx.backends import backend as backends
+from mftx.backends import xla
+from mftx.ops.indexing import FlatIndex
+from mftx.scores import Scores
+from mftx.study import records
+from mftx.study.fidelity import choose_samples
+from mftx.study.records import (
     Baseline,
     CheckpointInfo,
     Fidelity,
@@ -27,8 +31,7 @@ from mftx.records import (
     Sweep,
     SweepPoint,
 )
-from mftx.scores import Scores
-from mftx.stages import Stage, StageMismatch, digest_batches, digest_tensors
+from mftx.study.stages import Stage, StageMismatch, digest_batches, digest_tensors
 
 # --------------------------------------------------------------------------- FlatIndex
 
@@ -129,10 +132,6 @@ def test_file_names_and_kinds():
         assert records.kind_of(other) is None, other
     with pytest.raises(ValueError, match="per method"):
         records.stem("sweep")
-    import mftx.groups
-    import mftx.location
-    import mftx.protocol
-    import mftx.spectra  # noqa: F401  (these modules register their kinds on import)
 
     assert set(records.stage_kinds()) == {
         "checkpoint", "scores", "sweep", "overlap", "fidelity", "split", "heldout", "groupfid",
@@ -290,7 +289,7 @@ def test_score_runs_through_the_backend_interface(monkeypatch):
 
 
 def test_method_labels_name_variants_that_reach_the_score_config(tmp_path):
-    from mftx.analysis import AnalyzeConfig, Variant, parse_method
+    from mftx.study.config import AnalyzeConfig, Variant, parse_method
 
     assert parse_method("influence") == Variant("influence")
     assert parse_method("influence-ggn-cg") == Variant("influence", "ggn", "cg")
@@ -323,7 +322,7 @@ def test_method_labels_name_variants_that_reach_the_score_config(tmp_path):
     ],
 )
 def test_method_labels_refuse_what_they_cannot_mean(label, message):
-    from mftx.analysis import AnalyzeConfig, parse_method
+    from mftx.study.config import AnalyzeConfig, parse_method
 
     with pytest.raises(ValueError, match=message):
         parse_method(label)

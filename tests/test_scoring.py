@@ -12,7 +12,7 @@ from torch import nn
 from torch.func import functional_call, hessian
 
 import mftx
-from mftx import solvers
+from mftx.inverse import solvers
 
 MODES = ["rev-rev", "fwd-rev", "double-backward"]
 

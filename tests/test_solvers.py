@@ -7,8 +7,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mftx
-from mftx import lanczos, solvers
-from mftx.lowrank import LowRankInverse
+from mftx.curvature import lanczos
+from mftx.inverse import solvers
+from mftx.inverse.lowrank import LowRankInverse
 
 
 def rel(a, b):

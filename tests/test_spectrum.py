@@ -12,8 +12,8 @@ from test_solvers import indefinite
 from torch.func import hessian
 
 import mftx
-from mftx import spectra
-from mftx.lanczos import rademacher
+from mftx.curvature import spectra
+from mftx.curvature.lanczos import rademacher
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +143,7 @@ def test_spectrum_bad_input(bert_H):
 @pytest.mark.parametrize("limit_rows", [1, 3])
 def test_lanczos_basis_blocks_shrink_for_long_vectors(monkeypatch, limit_rows):
     """Long vectors get fewer basis rows per block (1 GiB each); the run is the same."""
-    from mftx import lanczos as engine
+    from mftx.curvature import lanczos as engine
 
     A = torch.randn(40, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     A = A + A.T

@@ -1,4 +1,4 @@
-"""mftx.statistics: correlations against hand computations and scipy, bootstrap intervals."""
+"""mftx.study.statistics: correlations against hand computations and scipy, bootstrap intervals."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from mftx.statistics import (
+from mftx.study.statistics import (
     average_ranks,
     bootstrap_interval,
     pearson,

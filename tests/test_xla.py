@@ -13,7 +13,7 @@ import torch
 from _toys import tiny_bert_problem
 
 import mftx
-from mftx import xla
+from mftx.backends import xla
 
 try:  # torch_xla must own its device before autograd first runs in the process
     import torch_xla

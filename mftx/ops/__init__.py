@@ -1,9 +1,13 @@
 """Candidate gathering and masking over lists of tensors.
 
-Each op runs the compiled kernel (`mftx._C`) when every tensor is a CPU,
+Each op runs the compiled kernel (`mftx.ops._C`) when every tensor is a CPU,
 contiguous float32 tensor and the module loaded (`HAS_CPP`); anything else
 (other dtypes, devices, strides, or ``MFTX_DISABLE_CPP=1``) takes the
 pure-PyTorch twin in `mftx.ops.reference`, with the same results.
+
+Also here: `indexing` (flat positions in a list of tensors) and `selfcheck`
+(``mftx selfcheck``). The compiled module is `mftx.ops._C`. May import
+`mftx._version` and `mftx.errors` only: the bottom layer of the package.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Loading of the compiled module `mftx._C` and its registration as torch ops.
+"""Loading of the compiled module `mftx.ops._C` and its registration as torch ops.
 
 The ops are declared with `torch.library.custom_op` so that in-place masking
 bumps autograd's version counters (backward through a masked weight raises the
@@ -26,7 +26,7 @@ SOURCE = Path(__file__).resolve().parents[2] / "csrc" / "mftx_ops.cpp"
 
 
 def stale_build(module, source: Path = SOURCE) -> Optional[str]:
-    """Why `module` (a loaded mftx._C) does not belong to this package, or None.
+    """Why `module` (a loaded mftx.ops._C) does not belong to this package, or None.
 
     The build carries the package version and the SHA-256 of its C++ source
     (CMakeLists.txt compiles both in); a module from an older build, or from
@@ -53,7 +53,7 @@ if os.environ.get("MFTX_DISABLE_CPP", "").strip().lower() not in ("", "0", "fals
     IMPORT_ERROR = "disabled by MFTX_DISABLE_CPP"
 else:
     try:
-        from mftx import _C  # type: ignore[no-redef]
+        from . import _C  # type: ignore[no-redef]
     except ImportError as exc:  # reported, never hidden
         IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
         advice = "Reinstall mftx (pip install --force-reinstall mftx)"
@@ -65,7 +65,7 @@ else:
             advice = "Rebuild it: `pip install -e .` in the source checkout (or reinstall mftx)"
     if IMPORT_ERROR is not None:
         warnings.warn(
-            f"mftx: the compiled ops (mftx._C) failed to load ({IMPORT_ERROR}); "
+            f"mftx: the compiled ops (mftx.ops._C) failed to load ({IMPORT_ERROR}); "
             f"falling back to the pure-PyTorch reference path. {advice}, "
             "or set MFTX_DISABLE_CPP=1 to silence this.",
             RuntimeWarning,

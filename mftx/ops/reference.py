@@ -13,9 +13,9 @@ from typing import List, Sequence, Tuple
 
 import torch
 
-from ..indexing import FlatIndex
 from . import _checks
 from ._candidates import Candidates
+from .indexing import FlatIndex
 
 __all__ = ["mask_", "restore_", "select", "topk", "toward_zero"]
 

@@ -1,0 +1,308 @@
+"""`mftx analyze`: score, mask, compare and check the methods on fine-tuned checkpoints.
+
+For each checkpoint, every stage writes one record (see `mftx.study.records`) in
+``OUT/<checkpoint>/``:
+
+- ``checkpoint.json``: where the checkpoint is, its metadata and dev baseline;
+- ``scores-<method>.json`` (+ ``.safetensors``): each method's scores;
+- ``sweep-<method>.json``: dev accuracy with the top-k candidates masked, per k;
+- ``overlap-<influence method>.json``: gradient-flagged against influence-beneficial;
+- ``fidelity.json``: predicted against actual loss change of zeroing single parameters;
+- ``location-<method>.json``, ``spectrum-<curvature>.json``: where the top-k sets
+  live, and the curvature's spectrum;
+- with ``heldout``: the held-out stages of `mftx.study.crossfit` (the dev split, fold
+  scores, held-out sweeps, the random-k control, group fidelity).
+
+Every record holds the settings and input fingerprints (checkpoint weights,
+training and dev batches, scores) it was computed with. A rerun reuses a
+record only when both match, computes only what is missing (a new method, a
+new k, more fidelity samples, the rest of an interrupted stage), and refuses,
+naming the differing setting, when they do not (``force`` recomputes).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .. import fileio, masking
+from .._version import __version__
+from ..core.params import ParamSpace, select_params
+from ..curvature.spectra import spectrum
+from ..evaluate import evaluate
+from ..ops.indexing import FlatIndex
+from ..scores import METHODS, Scores
+from ..scoring import ScoreConfig, score_with_config
+from . import crossfit
+from .checkpoint import Checkpoint
+from .config import AnalyzeConfig, parse_method
+from .fidelity import run_fidelity
+from .heldout import RowSplit
+from .location import Location, location_table, space_table
+from .records import Baseline, CheckpointInfo, Overlap, RunIndex, ScoresInfo, Sweep, SweepPoint
+from .stages import digest_batches, digest_tensors
+
+__all__ = ["analyze", "overlap"]
+
+log = logging.getLogger("mftx")
+
+#: ScoreConfig fields that do not change the scores (left out of the recorded settings).
+_NOT_SETTINGS = ("progress", "distributed", "lowrank_file")
+
+
+def _score_settings(cfg: ScoreConfig) -> Dict[str, Any]:
+    return {k: v for k, v in asdict(cfg).items() if k not in _NOT_SETTINGS}
+
+
+_SCORE_DEFAULTS = {f"score.{k}": v for k, v in _score_settings(ScoreConfig()).items()}
+
+
+def analyze(
+    checkpoints: Sequence[Path],
+    cfg: AnalyzeConfig,
+    out: Path,
+    force: bool = False,
+    command: Optional[Sequence[Union[str, Path]]] = None,
+) -> RunIndex:
+    """Analyse each checkpoint; returns the run index (analysis.json). Resumes from `out`.
+
+    `command`: the command line as arguments, path arguments as `Path` (they
+    are recorded relative to `out`).
+    """
+    cfg.validate()
+    if not checkpoints:
+        raise ValueError("no checkpoints to analyse")
+    out = Path(out)
+    names = [Path(c).name for c in checkpoints]
+    if len(set(names)) != len(names):
+        raise ValueError(f"checkpoint directory names must differ: {names}")
+    out.mkdir(parents=True, exist_ok=True)
+    config = asdict(cfg)
+    if cfg.data is not None:
+        config["data"] = Path(cfg.data)
+    index = RunIndex(config, names, list(command or []), __version__)
+    # The index describes what the records hold: a new run's settings replace the old
+    # ones once it has finished (a refused or interrupted rerun leaves them as they were).
+    if force or not (out / "analysis.json").is_file():
+        fileio.write_json(out / "analysis.json", index, root=out)
+    for path in checkpoints:
+        _analyze_checkpoint(Checkpoint(Path(path), cfg, out, force), cfg)
+    fileio.write_json(out / "analysis.json", index, root=out)
+    return index
+
+
+def _analyze_checkpoint(ck: Checkpoint, cfg: AnalyzeConfig) -> None:
+    space = select_params(ck.model)
+    log.info("analysing %s: %d analysed parameters", ck.name, space.numel)
+    info = _checkpoint_info(ck, space)
+    if cfg.spectrum_steps:
+        for curvature in _curvatures(cfg):
+            _spectrum(ck, space, curvature, cfg)
+    scores: Dict[str, Scores] = {}
+    digests: Dict[str, str] = {}
+    for label in cfg.methods:
+        scores[label], digests[label] = _scores(ck, space, label, cfg)
+    for label, s in scores.items():
+        _sweep(ck, space, label, s, digests[label], cfg.ks, info.baseline, cfg.progress)
+    if "gradient" in scores:
+        for label in scores:
+            if parse_method(label).method == "influence":
+                _overlap(ck, scores, digests, label)
+    if cfg.fidelity_samples > 0:
+        settings = {"data": ck.eval_settings, "dtype": cfg.fidelity_dtype}
+        stage = ck.stage("fidelity", None, settings, ck.dev_inputs())
+        run_fidelity(
+            stage, ck.model, space, ck.dev, scores, cfg.fidelity_samples, cfg.fidelity_dtype,
+            progress=cfg.progress, desc=f"{ck.name} fidelity",
+        )  # fmt: skip
+    for label, s in scores.items():
+        _location(ck, space, label, s, digests[label], cfg.location_ks)
+    if cfg.heldout:
+        crossfit.run(ck, space, cfg, scores, digests, partial(_scores, ck, space))
+
+
+def _curvatures(cfg: AnalyzeConfig) -> List[str]:
+    """The curvatures the run's influence methods solve with (the run's own if none)."""
+    found = [cfg.score_config(m).curvature for m in cfg.methods
+             if parse_method(m).method == "influence"]  # fmt: skip
+    return sorted(set(found)) or [cfg.curvature]
+
+
+def _spectrum(ck: Checkpoint, space: ParamSpace, curvature: str, cfg: AnalyzeConfig):
+    """The spectrum of the training loss's `curvature` on the influence solves' HVP batches
+    (``spectrum-<curvature>.json``): what makes H + λI indefinite or not."""
+    settings = {
+        "data": ck.data_settings, "curvature": curvature, "hvp_batches": cfg.hvp_batches,
+        "hvp_mode": cfg.hvp_mode, "steps": cfg.spectrum_steps, "probes": cfg.spectrum_probes,
+        "seed": 0,
+    }  # fmt: skip
+    stage = ck.stage("spectrum", curvature, settings, ck.inputs)
+    prev = stage.previous()
+    if prev is not None:
+        return prev.result
+    log.info("%s: spectrum of the %s (%d Lanczos steps)", ck.name, curvature, cfg.spectrum_steps)
+    spec = spectrum(
+        ck.model, ck.train, params=space, curvature=curvature, hvp_mode=cfg.hvp_mode,
+        hvp_batches=cfg.hvp_batches, seed=0, progress=cfg.progress,
+        steps=cfg.spectrum_steps, probes=cfg.spectrum_probes,
+    )  # fmt: skip
+    log.info("%s: %s spectrum: %s", ck.name, curvature, spec.summary())
+    return stage.save(spec).result
+
+
+def _checkpoint_info(ck: Checkpoint, space: ParamSpace) -> CheckpointInfo:
+    stage = ck.stage("checkpoint", None, {"data": ck.eval_settings}, ck.dev_inputs())
+    prev = stage.previous()
+    if prev is not None:
+        return prev.result
+    info = CheckpointInfo(
+        name=ck.name,
+        path=ck.path,
+        target=(ck.meta.get("targets") or [None])[0],
+        baseline=Baseline(**evaluate(ck.model, ck.dev)),
+        total_params=space.model_numel,
+        analysed_params=space.numel,
+        metadata=ck.meta,
+        data=ck.data.provenance(),
+    )
+    return stage.save(info).result
+
+
+def _scores(
+    ck: Checkpoint, space: ParamSpace, label: str, cfg: AnalyzeConfig,
+    half: Optional[Tuple[str, RowSplit]] = None,
+):  # fmt: skip
+    """The scores of method `label` (a label such as 'influence-ggn') and their digest.
+
+    With `half` = (name, split), the validation gradient comes from that half of
+    the dev rows only (held-out protocol); the files are ``scores-<label>@<name>``.
+    """
+    scfg = cfg.score_config(label, ck.out)
+    settings = {"data": ck.data_settings, "score": _score_settings(scfg)}
+    val, inputs, name = ck.dev, ck.inputs, label
+    if half is not None:
+        rows = half[1].half(half[0])
+        val = ck.rows.batches_for(rows)
+        settings["rows"] = {
+            "half": half[0],
+            "split": half[1].to_json()[f"sha256_{half[0].lower()}"],
+        }
+        inputs = {**ck.inputs, "dev": digest_batches(val)}
+        name = f"{label}@{half[0]}"
+    stage = ck.stage("scores", name, settings, inputs, defaults=_SCORE_DEFAULTS)
+    file = ck.out / f"scores-{name}.safetensors"
+    prev = stage.previous()
+    if prev is not None and file.is_file():
+        s = Scores.load(file)
+        digest = _digest(s)
+        if digest != prev.result.digest:
+            raise ValueError(
+                f"{file} does not match its record {stage.path.name} (changed or replaced); "
+                "rerun with --force to recompute it"
+            )
+        log.info("%s: %s scores loaded from %s", ck.name, name, file.name)
+        return s, digest
+    log.info("%s: scoring with %s", ck.name, name)
+    s = score_with_config(ck.model, ck.train, val, scfg, params=space)
+    s.save(file)
+    digest = _digest(s)
+    stage.save(_scores_info(name, file.name, digest, s))
+    log.info("%s: %s done in %.1f s (%s)", ck.name, name, s.stats["seconds"], _brief(s))
+    return s, digest
+
+
+def _digest(s: Scores) -> str:
+    return digest_tensors(s.scores.items())
+
+
+def _scores_info(label: str, file: str, digest: str, s: Scores) -> ScoresInfo:
+    solver = s.stats.get("solver") or {}
+    return ScoresInfo(
+        method=label,
+        file=file,
+        digest=digest,
+        seconds=s.stats.get("seconds"),
+        curvature=s.config.get("curvature") if solver else None,
+        damping=s.stats.get("damping") if solver else None,  # the λ used (also for 'auto')
+        hvp_batches_used=s.stats.get("hvp_batches_used"),
+        n_hvp=s.stats.get("n_hvp"),
+        **{k: solver.get(k) for k in ("iterations", "relative_residual", "converged", "reason")},
+    )
+
+
+def _brief(s: Scores) -> str:
+    solver = s.stats.get("solver")
+    if not solver:
+        return "no solve"
+    res = solver["relative_residual"]
+    return (
+        f"{solver['iterations']} {solver['solver']} iterations, relative residual "
+        f"{'n/a' if res is None else f'{res:.2e}'}, {solver['reason']}"
+    )
+
+
+def _sweep(ck, space, label, s: Scores, digest: str, ks, baseline: Baseline, progress) -> Sweep:
+    """Dev accuracy with the top-k masked, for each requested k not on disk yet."""
+    stage = ck.stage("sweep", label, {"data": ck.eval_settings}, ck.dev_inputs(scores=digest))
+    prev = stage.previous()
+    done = {p.k: p for p in prev.result.points} if prev is not None else {}
+    ks = masking.check_ks(list(ks))
+    if prev is not None and prev.complete and set(ks) <= set(done):
+        return prev.result
+    record = Sweep(label, baseline, [], None)
+
+    def save(point: Dict[str, Any]) -> None:
+        done[point["k"]] = SweepPoint(**point)
+        record.points = [done[k] for k in sorted(done)]
+        stage.save(record, complete=False)
+
+    every = sorted(set(ks) | set(done))
+    masking.sweep(
+        space, s.candidates(max(every)), every, lambda: evaluate(ck.model, ck.dev),
+        done={k: asdict(p) for k, p in done.items()}, on_point=save, progress=progress,
+        desc=f"{ck.name} {label} sweep",
+    )  # fmt: skip
+    record.points = [done[k] for k in sorted(done)]
+    record.restored_bitwise = True  # sweep raises otherwise
+    return stage.save(record).result
+
+
+def overlap(gradient: Scores, influence: Scores, influence_method: Optional[str] = None) -> Overlap:
+    """Gradient-flagged G, influence-beneficial B, |G ∩ B| and the rate |G \\ B| / |G|."""
+    layout = FlatIndex.of(gradient.tensors())
+    g = gradient.flagged()
+    b = influence.flagged()
+    g_idx = layout.to_global(g.tensor_index, g.flat_index)
+    b_idx = layout.to_global(b.tensor_index, b.flat_index)
+    both = int(torch.isin(g_idx, b_idx).sum())
+    return Overlap.of_counts(
+        len(g), len(b), both, analysed_params=layout.total, influence_method=influence_method
+    )
+
+
+def _overlap(ck, scores: Dict[str, Scores], digests: Dict[str, str], label: str) -> Overlap:
+    inputs = {"scores-gradient": digests["gradient"], f"scores-{label}": digests[label]}
+    stage = ck.stage("overlap", label, {}, inputs)
+    prev = stage.previous()
+    if prev is not None:
+        return prev.result
+    return stage.save(overlap(scores["gradient"], scores[label], label)).result
+
+
+def _location(ck, space: ParamSpace, label: str, s: Scores, digest: str, ks) -> Location:
+    """Layers and module kinds of the method's top-k and flagged entries."""
+    ks = masking.check_ks(list(ks))
+    stage = ck.stage("location", label, {"ks": ks}, {"scores": digest})
+    prev = stage.previous()
+    if prev is not None:
+        return prev.result
+    names, shapes = space.names, space.shapes
+    sets = {f"top-{k}": location_table(names, shapes, s.candidates(k)) for k in ks}
+    if METHODS[s.method]["flag"] is not None:
+        sets["flagged"] = location_table(names, shapes, s.flagged())
+    return stage.save(Location(label, sets, space_table(names, shapes))).result

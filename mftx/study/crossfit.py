@@ -1,0 +1,184 @@
+"""The held-out stages of `mftx analyze`: which rows choose, which rows measure.
+
+After a checkpoint's scores from all dev rows (`mftx.study.analysis`), `run` adds,
+each as a resumable record in the checkpoint's output directory:
+
+- ``split.json``: the seeded two-fold split of the dev rows (`mftx.study.heldout.two_fold`);
+- ``scores-<method>@A`` / ``@B``: scores whose validation gradient comes from one half;
+- ``heldout-<method>.json``: every sweep point of every score set measured on all
+  rows and on each half, with the recalibration control (`mftx.study.protocol.run_sweeps`);
+- ``heldout-random.json``: the random-k control (`mftx.study.protocol.run_random`);
+- ``groupfid.json``: group fidelity, predictions from half A's scores against the
+  actual change of loss on half B when whole subsets are zeroed (`mftx.study.groups`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .. import masking
+from ..core.params import ParamSpace
+from ..ops.indexing import FlatIndex
+from ..scores import METHODS, Scores
+from . import groups
+from .checkpoint import Checkpoint
+from .config import AnalyzeConfig
+from .fidelity import implied_change
+from .groups import GroupFidelity, GroupSample
+from .heldout import RowSplit, two_fold
+from .protocol import SplitInfo, run_random, run_sweeps
+
+__all__ = ["run"]
+
+#: A method's scores from one half: ``score_fn(label, cfg, half=(name, split))`` -> (scores, digest).
+ScoreFn = Callable[..., Tuple[Scores, str]]
+
+
+def _split(ck: Checkpoint, cfg: AnalyzeConfig) -> RowSplit:
+    stage = ck.stage("split", None, {"seed": cfg.split_seed}, {"dev": ck.inputs["dev"]})
+    prev = stage.previous()
+    if prev is not None:
+        return prev.result.split
+    split = two_fold(ck.rows.labels.tolist(), cfg.split_seed)
+    return stage.save(SplitInfo(split)).result.split
+
+
+def _split_id(split: RowSplit) -> Dict[str, Any]:
+    d = split.to_json()
+    return {"seed": split.seed, "sha256_a": d["sha256_a"], "sha256_b": d["sha256_b"]}
+
+
+def run(ck: Checkpoint, space: ParamSpace, cfg: AnalyzeConfig, scores: Dict[str, Scores],
+        digests: Dict[str, str], score_fn: ScoreFn) -> None:  # fmt: skip
+    """Fold scores, sweeps on every row set, the random-k control and group fidelity.
+
+    `scores` / `digests`: each method's scores from all dev rows; `score_fn(label, cfg,
+    half=(name, split))` gives (and records) a method's scores from one half.
+    """
+    split = _split(ck, cfg)
+    sets_of: Dict[str, Dict[str, Tuple[Scores, str]]] = {}
+    for label, s in scores.items():
+        sets = {"all": (s, digests[label])}
+        if "val" in METHODS[s.method]["uses"]:
+            for half in ("A", "B"):
+                sets[half] = score_fn(label, cfg, half=(half, split))
+        sets_of[label] = sets
+    base = {"data": ck.eval_settings, "split": _split_id(split)}
+    k_max = max(cfg.ks)
+    for label, sets in sets_of.items():
+        inputs = ck.dev_inputs(**{f"scores@{n}": d for n, (_, d) in sets.items()})
+        stage = ck.stage("heldout", label, base, inputs)
+        cands = {n: sc.candidates(k_max) for n, (sc, _) in sets.items()}
+        run_sweeps(stage, label, space, cands, cfg.ks, ck.model, ck.rows, split, cfg.progress)
+    if cfg.random_draws:
+        stage = ck.stage("heldout", "random", {**base, "seed": cfg.split_seed}, ck.dev_inputs())
+        run_random(stage, space, cfg.ks, cfg.random_draws, cfg.split_seed, ck.model, ck.rows,
+                   split, cfg.progress)  # fmt: skip
+    if cfg.group_subsets:
+        # Predictions from the selection half A, actual changes on the evaluation half B.
+        chosen = {label: sets.get("A", sets["all"])[0] for label, sets in sets_of.items()}
+        _group_fidelity(ck, space, cfg, split, chosen)
+
+
+def _group_fidelity(ck, space: ParamSpace, cfg: AnalyzeConfig, split: RowSplit,
+                    fold_scores: Dict[str, Scores]) -> GroupFidelity:  # fmt: skip
+    methods = {m: s for m, s in fold_scores.items() if s.method != "magnitude"}
+    layout = FlatIndex(space.numels)
+    ks = masking.check_ks(list(cfg.group_ks))
+    preds = {
+        m: torch.cat([t.reshape(-1).to(torch.float64) for t in implied_change(s)])
+        for m, s in methods.items()
+    }
+
+    def glob(c):
+        return layout.to_global(c.tensor_index, c.flat_index)
+
+    ranked = {m: glob(s.candidates(max(ks))) for m, s in methods.items()}
+    flagged = {m: glob(s.flagged()) for m, s in methods.items() if METHODS[s.method]["flag"]}
+    subsets = groups.draw(layout.total, ks, cfg.group_subsets, cfg.split_seed, ranked, flagged,
+                          cfg.group_flagged)  # fmt: skip
+    settings = {"data": ck.eval_settings, "split": _split_id(split), "rows": "B",
+                "dtype": cfg.fidelity_dtype}  # fmt: skip
+    stage = ck.stage("groupfid", None, settings, ck.dev_inputs())
+    prev = stage.previous()
+    done = {x.key: x for x in prev.result.samples} if prev is not None else {}
+    keys = {x.key() for x in subsets}
+    if (
+        prev is not None and prev.complete and keys <= set(done)
+        and not _needs_quadratic(subsets, done, cfg.group_quadratic)
+    ):  # fmt: skip
+        samples, base = [done[x.key()] for x in subsets], prev.result.base_loss
+    else:
+        base = prev.result.base_loss if prev is not None else None
+        samples, base = _measure_groups(ck, space, cfg, split, subsets, preds, done, stage, base)
+    for sample, sub in zip(samples, subsets):  # predictions follow the current scores
+        sample.predicted = {m: float(p[sub.index].sum()) for m, p in preds.items()}
+    return stage.save(GroupFidelity("B", base, samples, groups.summarize(samples))).result
+
+
+def _quadratic_keys(subsets, n: int) -> set:
+    """Keys of the first `n` random subsets of each k: those that get the quadratic term."""
+    seen: Dict[int, int] = {}
+    out = set()
+    for x in subsets:
+        if x.origin == "random" and seen.get(x.k, 0) < n:
+            seen[x.k] = seen.get(x.k, 0) + 1
+            out.add(x.key())
+    return out
+
+
+def _needs_quadratic(subsets, done, n: int) -> bool:
+    return any(done[k].quadratic is None for k in _quadratic_keys(subsets, n) if k in done)
+
+
+def _measure_groups(ck, space, cfg, split, subsets, preds, done, stage, base):
+    """Zero each subset not measured yet (float64 copy of the model); returns samples, base loss."""
+    import copy
+
+    from ..core.objective import default_loss
+    from ..curvature.hvp import Curvature
+
+    dtype = getattr(torch, cfg.fidelity_dtype)
+    model = copy.deepcopy(ck.model).to(dtype).eval()
+    own = dict(model.named_parameters())
+    params = [own[n] for n in space.names]
+    eval_batches = ck.rows.batches_for(split.b)
+
+    @torch.inference_mode()
+    def loss() -> float:
+        total, n = 0.0, 0
+        for b in eval_batches:
+            logits = model(**{k: v for k, v in b.items() if k != "labels"}).logits
+            total += float(F.cross_entropy(logits.double(), b["labels"], reduction="sum"))
+            n += b["labels"].shape[0]
+        return total / n
+
+    quad_keys = _quadratic_keys(subsets, cfg.group_quadratic)
+    quadratic = None
+    if quad_keys and "taylor" in preds:
+        space64 = ParamSpace(space.names, tuple(params), space.model_numel)
+        op = Curvature(model, space64, ck.rows.batches_for(split.a), default_loss(model))
+        theta = space64.flatten(space64.detached())
+
+        def quadratic(sub):
+            if sub.key() not in quad_keys:
+                return None
+            v = torch.zeros_like(theta)
+            v[sub.index] = theta[sub.index]
+            return 0.5 * float(v @ op.matvec(v))
+
+    # Reuse measured samples; recompute a sample only to add a missing quadratic term.
+    reuse = {k: x for k, x in done.items() if not (k in quad_keys and x.quadratic is None)}
+    kept = list(reuse.values())
+    base = loss() if base is None else base
+
+    def on_sample(x: GroupSample) -> None:
+        kept.append(x)
+        stage.save(GroupFidelity("B", base, kept, {}), complete=False)
+
+    samples = groups.measure(params, subsets, loss, preds, quadratic, reuse, on_sample,
+                             cfg.progress, base=base)  # fmt: skip
+    return samples, base

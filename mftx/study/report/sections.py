@@ -1,0 +1,187 @@
+"""The report's sections beyond the reference study's tables, each present only with its records.
+
+A `Section` names its rows (for ``results-<key>.csv`` and ``results.json``'s
+``tables``), its markdown body and the plots it shows; a run without the
+section's records gives no rows and no text, so the report of such a run is
+unchanged. `SECTIONS` is the list, in report order; ``after`` places each one
+after a table of the plain report (``masking``, ``fidelity`` or ``solves``).
+
+Adding a section is one `Section` entry: a rows function reading the
+checkpoints' records, a markdown function built from those rows, and, for a
+plot, a drawing function registered in `mftx.study.report.figures` under the
+section's key. The spectrum section (`mftx.study.report.spectrum_tables`) is written
+that way and shows as soon as ``spectrum.json`` records are registered and
+written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from .benchmark import benchmark_rows, benchmark_table
+from .byk_tables import byk_rows, byk_table
+from .groupfid_tables import group_correlation_table, group_mean_table, group_rows
+from .heldout_tables import control_rows, control_table, protocol_rows, protocol_table, split_lines
+from .load import Run
+from .location_tables import kind_table, layer_table, location_rows
+from .names import figure_name
+from .seeds import seed_rows, seed_table
+from .spectrum_tables import spectrum_rows, spectrum_table
+
+__all__ = ["SECTIONS", "Section", "section_parts", "section_rows"]
+
+Rows = List[Dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Section:
+    """One report section, present when ``rows(run)`` has rows.
+
+    ``rows(run)``: the rows for CSV and JSON; ``intro``: the text under the
+    heading; ``parts``: functions of the run giving the markdown that follows
+    (tables, with text of their own), "" to leave one out; ``plot``: a figure
+    per checkpoint, file `figure_name` (drawn by `mftx.study.report.figures.FIGURES`).
+    """
+
+    key: str
+    heading: str
+    after: str
+    rows: Callable[[Run], Rows]
+    intro: str
+    parts: Tuple[Callable[[Run], str], ...]
+    plot: bool = False
+
+    def body(self, run: Run) -> str:
+        """Markdown under the heading ("" when the run has no rows for it)."""
+        if not self.rows(run):
+            return ""
+        return _join(self.intro, *(part(run) for part in self.parts))
+
+
+def _join(*parts: str) -> str:
+    return "\n\n".join(p for p in parts if p)
+
+
+def _split_text(run: Run) -> str:
+    return "\n".join(split_lines(run))
+
+
+def _group_means(run: Run) -> str:
+    return _join(
+        "Mean predicted and actual change of loss of the random subsets, the method's top-k "
+        "and random k-subsets of its flagged set:",
+        group_mean_table(run),
+    )
+
+
+HELDOUT_INTRO = (
+    "Reference protocol: scores (validation gradient), best k and accuracy all on the full "
+    "dev set. Held-out protocol, seeded two-fold cross-fitting: on half A the validation "
+    "gradient, the scores that need it and the best k are chosen and accuracy is measured "
+    "on half B (A→B); then B→A. Gains are against the unmasked model on the same rows; "
+    "gain beyond recalibration is against the unmasked model with the one logit offset "
+    "that is best on the selection half (the recalibration control); masked + recalibrated "
+    "applies that control to the masked model. The random-k control masks k uniformly "
+    "random analysed parameters (mean ± sd over draws; its best k is chosen on the mean). "
+    "Methods without a validation gradient (gradient rule, magnitude) have one score set; "
+    "only their k is chosen per fold. The rows of each half are in `split.json` "
+    "(indices and SHA-256):"
+)
+CONTROLS_INTRO = (
+    "Recalibration alone (the unmasked model with the logit offset chosen on the selection "
+    "half, measured on the evaluation half) against masking at the held-out best k, "
+    "and the share of dev rows predicted positive (class 1) before and after masking at "
+    "each protocol's best k. The reference protocol has no recalibration control: its "
+    "offset would be chosen on the rows it is measured on."
+)
+BYK_INTRO = (
+    'Gain at every k of the sweep, "reference / held-out" in accuracy points: the '
+    "reference protocol (scores and accuracy on all dev rows) and the mean over the two "
+    "folds of the held-out gain at that k (scores from the selection half, accuracy on the "
+    "evaluation half; no k is chosen). Against the unmasked model on the same rows; the "
+    "random-k control averages its draws."
+)
+SEEDS_INTRO = (
+    "Checkpoints with the same target accuracy from different fine-tuning seeds: mean ± "
+    "sample sd across them of the reference gain, the held-out gain (mean of the folds) "
+    "and the gain beyond recalibration, in accuracy points ((n = …): checkpoints that "
+    "have the measure, when fewer than all)."
+)
+GROUPFID_INTRO = (
+    "Subsets of k analysed parameters zeroed at once, actual change of loss measured on "
+    "evaluation half B, predicted as the sum of per-parameter predictions from scores of "
+    "half A. Spearman and Pearson across subsets, bootstrap 95 % intervals in brackets; "
+    "`+ ½ θ_Sᵀ H θ_S`: taylor plus the quadratic group term (the full second-order "
+    "expansion) on the subsets where it was computed."
+)
+BENCHMARK_INTRO = (
+    "Every scoring variant of each checkpoint with held-out records: curvature products "
+    "(Hessian- or GGN-vector products) and seconds of the scores from all dev rows, "
+    "single-parameter and group fidelity (Spearman), gain at the best k and at "
+    "k = 5,000 under both protocols, and the false-positive rate of the gradient rule "
+    "against the method. — : not run or not recorded."
+)
+LOCATION_INTRO = (
+    "Each method's largest top-k set and its flagged set: enrichment (share of the set / "
+    "share of all analysed entries; 1.00× = chance) with the share of the set in "
+    "parentheses, by module kind and weights against biases, then by transformer block."
+)
+SPECTRUM_INTRO = (
+    "Extreme eigenvalues of the curvature (± the Lanczos error bound), its trace (± the "
+    "standard error of the stochastic estimate) and the curvature products spent; the "
+    "plot is the smoothed spectral density (stochastic Lanczos quadrature)."
+)
+
+SECTIONS: Sequence[Section] = (
+    Section("heldout", "Masking: reference vs held-out protocol", "masking", protocol_rows,
+            HELDOUT_INTRO, (_split_text, protocol_table), plot=True),
+    Section("controls", "Controls: recalibration and predicted-class balance", "masking",
+            control_rows, CONTROLS_INTRO, (control_table,)),
+    Section("byk", "Masking: gain at every k under both protocols", "masking", byk_rows,
+            BYK_INTRO, (byk_table,)),
+    Section("seeds", "Gains across fine-tuning seeds", "masking", seed_rows, SEEDS_INTRO,
+            (seed_table,)),
+    Section("groupfid", "Group fidelity: zeroing whole subsets", "fidelity", group_rows,
+            GROUPFID_INTRO, (group_correlation_table, _group_means), plot=True),
+    Section("benchmark", "Methods benchmark", "solves", benchmark_rows, BENCHMARK_INTRO,
+            (benchmark_table,)),
+    Section("location", "Where the removed parameters live", "solves", location_rows,
+            LOCATION_INTRO, (kind_table, layer_table), plot=True),
+    Section("spectrum", "Curvature spectrum", "solves", spectrum_rows, SPECTRUM_INTRO,
+            (spectrum_table,), plot=True),
+)  # fmt: skip
+
+
+def section_rows(run: Run) -> Dict[str, Rows]:
+    """Rows of every section that has any, by section key."""
+    out = {}
+    for s in SECTIONS:
+        rows = s.rows(run)
+        if rows:
+            out[s.key] = rows
+    return out
+
+
+def _figures(s: Section, run: Run, plots: Optional[List[Path]]) -> str:
+    if not s.plot or not plots:
+        return ""
+    names = {p.name for p in plots}
+    return "\n".join(
+        f"![{c.name}]({figure_name(s.key, c.name)})"
+        for c in run.checkpoints
+        if figure_name(s.key, c.name) in names
+    )
+
+
+def section_parts(run: Run, after: str, plots: Optional[List[Path]] = None) -> List[str]:
+    """Markdown (heading, body, figures) of the sections placed after table `after`."""
+    parts = []
+    for s in SECTIONS:
+        if s.after != after:
+            continue
+        body = s.body(run)
+        if body:
+            parts.append(_join(f"## {s.heading}", body, _figures(s, run, plots)))
+    return parts
