@@ -24,7 +24,13 @@ from .core.params import DEFAULT_EXCLUDE, ParamSpace, select_params
 from .curvature import lanczos, memory, spectra
 from .curvature.hvp import Curvature
 from .curvature.spectra import Spectrum, spectrum
-from .errors import NegativeCurvatureError, NonFiniteError, SolverDivergedError
+from .errors import (
+    ConvergenceWarning,
+    MftxWarning,
+    NegativeCurvatureError,
+    NonFiniteError,
+    SolverDivergedError,
+)
 from .inverse import ekfac, lowrank
 from .inverse.lowrank import LowRankInverse
 from .inverse.solvers import SolveResult
@@ -37,10 +43,12 @@ __all__ = [
     "DEFAULT_EXCLUDE",
     "METHODS",
     "Candidates",
+    "ConvergenceWarning",
     "Curvature",
     "HFClassification",
     "LowRankInverse",
     "MaskStack",
+    "MftxWarning",
     "NegativeCurvatureError",
     "NonFiniteError",
     "Objective",

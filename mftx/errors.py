@@ -35,3 +35,14 @@ class NegativeCurvatureError(ArithmeticError):
 
 class SolverDivergedError(ArithmeticError):
     """An iterative solver's iterate grew without bound or became non-finite."""
+
+
+class MftxWarning(UserWarning):
+    """Base class of mftx's warnings: ``warnings.filterwarnings("ignore", category=mftx.MftxWarning)``
+    silences them all, ``"error"`` turns them into exceptions."""
+
+
+class ConvergenceWarning(MftxWarning):
+    """An iterative solve stopped without meeting its tolerance: the scores come from a
+    partial iterate, not from the formula's solution. The message names the solver, the
+    iterations, the relative residual reached and what to try."""
