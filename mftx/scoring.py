@@ -117,7 +117,11 @@ class ScoreConfig:
         "backend='xla': also torch.compile(backend='openxla') the per-batch HVP", False
     )
     distributed: Optional[bool] = help_field(
-        "all-reduce gradients and HVPs over torch.distributed ranks (None: when initialised)", None
+        "data-parallel over torch.distributed ranks (None: when initialised): train and val "
+        "are this rank's shards; gradients, HVPs, EK-FAC factors and counts are summed over "
+        "ranks and seeded draws index the union (the shards in rank order), so every rank "
+        "gets one process's result on the union (mftx.core.dist.shard splits a list)",
+        None,
     )
     batch_size_fn: Optional[Callable[[Any], float]] = help_field(
         "batch -> its weight in the dataset mean (examples, tokens); None: the loss's own "
@@ -496,7 +500,13 @@ def _ekfac_solve(model, space, batches, loss_fn, g, cfg: ScoreConfig, stats: dic
     """solver="ekfac": fit the Kronecker factors on the HVP batches, invert in closed form."""
     t0 = time.perf_counter()
     fitted = ekfac.fit(
-        model, space, batches, loss_fn, fisher=cfg.fisher, seed=cfg.seed, progress=cfg.progress,
+        model,
+        space,
+        batches,
+        loss_fn,
+        fisher=cfg.fisher,
+        seed=cfg.seed,
+        progress=cfg.progress,
         distributed=dist.active(cfg.distributed),
     )
     lam = fitted.eigenvalues()

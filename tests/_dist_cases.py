@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from itertools import chain
 from typing import Any, Callable, Dict, List, Tuple
 
 import torch
@@ -43,6 +44,7 @@ _GGN = {"curvature": "ggn", "damping": 0.5}
 _IT = {"tol": 1e-13, "max_iter": 500}
 
 #: name -> (problem, "score" | "spectrum", keyword arguments)
+# fmt: off
 CASES: Dict[str, Tuple[str, str, Dict[str, Any]]] = {
     "gradient": ("mlp", "score", {"method": "gradient", "lr": 0.1}),
     "taylor": ("mlp", "score", {"method": "taylor"}),
@@ -54,32 +56,33 @@ CASES: Dict[str, Tuple[str, str, Dict[str, Any]]] = {
         "mlp", "score",
         {"method": "influence", "solver": "minres", "damping": 2.0, "hvp_batches": 3, "seed": 1,
          "num_examples": {"train": 25.0, "val": 9.0}, **_IT},
-    ),  # fmt: skip
+    ),
     "cg-auto": ("mlp", "score", {"method": "influence", "solver": "cg", "curvature": "ggn",
-                                 "damping": "auto", "lanczos_steps": 12, **_IT}),  # fmt: skip
+                                 "damping": "auto", "lanczos_steps": 12, **_IT}),
     "lissa": ("mlp", "score", {"method": "influence", "solver": "lissa", **_GGN,
-                               "lissa_depth": 30}),  # fmt: skip
+                               "lissa_depth": 30}),
     "lissa-stochastic": (
         "mlp", "score",
         {"method": "influence", "solver": "lissa", **_GGN, "lissa_depth": 30,
          "lissa_stochastic": True, "lissa_repeats": 2, "seed": 5},
-    ),  # fmt: skip
+    ),
     "explicit": ("mlp", "score", {"method": "influence", "solver": "explicit", **_GGN}),
     "lanczos": ("mlp", "score", {"method": "influence", "solver": "lanczos", **_GGN, "rank": 6,
-                                 "lanczos_steps": 20, "lanczos_tol": 0.0}),  # fmt: skip
+                                 "lanczos_steps": 20, "lanczos_tol": 0.0}),
     "ekfac-sampled": ("mlp", "score", {"method": "influence", "solver": "ekfac", "damping": 0.1,
-                                       "seed": 7}),  # fmt: skip
+                                       "seed": 7}),
     "ekfac-empirical": ("mlp", "score", {"method": "influence", "solver": "ekfac",
-                                         "fisher": "empirical", "damping": "auto"}),  # fmt: skip
+                                         "fisher": "empirical", "damping": "auto"}),
     "bert-ekfac": ("bert", "score", {"method": "influence", "solver": "ekfac", "damping": 0.1}),
     "bert-minres": ("bert", "score", {"method": "influence", "solver": "minres", "damping": 1.0,
-                                      **_IT}),  # fmt: skip
+                                      **_IT}),
     "bert-gradient": ("bert", "score", {"method": "gradient"}),
     "spectrum": ("mlp", "spectrum", {"curvature": "ggn", "steps": 15, "probes": 3,
-                                     "probe_steps": 6, "hvp_batches": 4, "seed": 2}),  # fmt: skip
+                                     "probe_steps": 6, "hvp_batches": 4, "seed": 2}),
     "spectrum-hutchpp": ("bert", "spectrum", {"steps": 10, "probes": 1, "trace": "hutch++",
-                                              "trace_products": 6}),  # fmt: skip
+                                              "trace_products": 6}),
 }
+# fmt: on
 
 
 def run(name: str, train: List[Any], val: List[Any], distributed: bool):
@@ -88,19 +91,30 @@ def run(name: str, train: List[Any], val: List[Any], distributed: bool):
     model, _, _, objective, space = PROBLEMS[problem]()
     if kind == "spectrum":
         return mftx.spectrum(
-            model, train, params=space, loss_fn=objective, progress=False,
-            distributed=distributed, **kw,
-        )  # fmt: skip
+            model,
+            train,
+            params=space,
+            loss_fn=objective,
+            progress=False,
+            distributed=distributed,
+            **kw,
+        )
     return mftx.score(
-        model, train, val, params=space, loss_fn=objective, progress=False,
-        distributed=distributed, **kw,
-    )  # fmt: skip
+        model,
+        train,
+        val,
+        params=space,
+        loss_fn=objective,
+        progress=False,
+        distributed=distributed,
+        **kw,
+    )
 
 
 def flat(result) -> torch.Tensor:
     """The numbers to compare: every score, or the spectrum's Ritz values, nodes and trace."""
     if isinstance(result, mftx.Spectrum):
-        nums = [*result.ritz_values, *sum(result.nodes, []), *sum(result.weights, []),
+        nums = [*result.ritz_values, *chain(*result.nodes), *chain(*result.weights),
                 result.trace, result.lambda_min_error]  # fmt: skip
         return torch.tensor(nums, dtype=torch.float64)
     return torch.cat([result.scores[n].reshape(-1) for n in result.names])

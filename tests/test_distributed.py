@@ -65,7 +65,7 @@ def test_shards_are_contiguous_and_cover_the_items():
     items = list(range(11))
     for world in (1, 2, 3, 4, 12):
         pieces = [dist.shard(items, r, world) for r in range(world)]
-        assert sum(pieces, []) == items
+        assert [x for piece in pieces for x in piece] == items
         assert max(map(len, pieces)) - min(map(len, pieces)) <= 1
     with pytest.raises(ValueError, match="rank must be in"):
         dist.shard(items, 3, 3)
@@ -74,7 +74,10 @@ def test_shards_are_contiguous_and_cover_the_items():
 def test_sampled_labels_do_not_depend_on_the_batching():
     model, train, _, objective, space = PROBLEMS["mlp"]()
     a = mftx.ekfac.sampled_batches(model, train, objective, seed=4)
-    whole = {"x": torch.cat([b["x"] for b in train]), "labels": torch.cat([b["labels"] for b in train])}
+    whole = {
+        "x": torch.cat([b["x"] for b in train]),
+        "labels": torch.cat([b["labels"] for b in train]),
+    }
     b = mftx.ekfac.sampled_batches(model, [whole], objective, seed=4)
     ya = torch.cat([x["labels"] for x in a])
     assert torch.equal(ya, b[0]["labels"])
@@ -98,3 +101,23 @@ def test_distributed_true_without_a_process_group_is_refused():
     with pytest.raises(RuntimeError, match="no process group"):
         mftx.score(model, train, val, method="taylor", params=space, loss_fn=objective,
                    distributed=True, progress=False)  # fmt: skip
+
+
+def test_xla_is_refused_by_name_when_distributed():
+    """One rank in-process (a gloo group of size 1): the refusal comes before any work."""
+    import torch.distributed as tdist
+
+    model, train, val, objective, space = PROBLEMS["mlp"]()
+    tdist.init_process_group("gloo", store=tdist.HashStore(), rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match="backend='xla' is not data-parallel"):
+            mftx.score(model, train, val, method="taylor", params=space, loss_fn=objective,
+                       backend="xla", progress=False)  # fmt: skip
+        # One rank is one process: the same scores as without a group.
+        one = mftx.score(model, train, val, method="taylor", params=space, loss_fn=objective,
+                         progress=False)  # fmt: skip
+    finally:
+        tdist.destroy_process_group()
+    alone = mftx.score(model, train, val, method="taylor", params=space, loss_fn=objective,
+                       progress=False)  # fmt: skip
+    assert torch.equal(flat(one), flat(alone))
