@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import ops
+from . import ops, sharded
 from ._config import help_field
 from .backends.backend import BACKENDS, get_backend
 from .core import dist
@@ -312,6 +312,11 @@ def score_with_config(
         solvers.check_explicit_size(space.numel, cfg.max_explicit)
     if cfg.method == "influence" and cfg.solver == "ekfac":
         ekfac.linear_blocks(model, space)  # refuses parameters outside nn.Linear modules
+    if sharded.is_sharded(space.params):  # FSDP2: each rank scores its shard
+        s = sharded.score(model, train_b, val_b, space, loss_fn, cfg)
+        s.config.update(asdict(cfg), loss_fn=_name(loss_fn), batch_size_fn=None
+                        if cfg.batch_size_fn is None else _name(cfg.batch_size_fn))  # fmt: skip
+        return s
 
     was_training = model.training
     model.eval()
