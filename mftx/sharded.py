@@ -470,7 +470,9 @@ def score(model: nn.Module, train: List[Any], val: List[Any], space: ParamSpace,
                 out = [-(si * t) for si, t in zip(s, shard.local)]
                 stats.update({"damping": damping, "ekfac": {
                     "fisher": cfg.fisher, "seed": cfg.seed, "modules": len(blocks),
-                    "examples": n_all, "eigenvalue_max": hi}})  # fmt: skip
+                    "examples": n_all, "eigenvalue_max": hi,
+                    "factor_bytes": sum(b.QA.nbytes + b.QS.nbytes for b in blocks),
+                    "lambda_bytes": sum(b.lam.nbytes for b in blocks)}})  # fmt: skip
     finally:
         model.train(was_training)
     stats["seconds"] = time.perf_counter() - t0

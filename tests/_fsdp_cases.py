@@ -13,8 +13,12 @@ METHODS = {
     "taylor": {"method": "taylor"},
     "magnitude": {"method": "magnitude"},
     "ekfac-sampled": {"method": "influence", "solver": "ekfac", "damping": 0.1, "seed": 3},
-    "ekfac-empirical": {"method": "influence", "solver": "ekfac", "fisher": "empirical",
-                        "damping": "auto"},  # fmt: skip
+    "ekfac-empirical": {
+        "method": "influence",
+        "solver": "ekfac",
+        "fisher": "empirical",
+        "damping": "auto",
+    },
 }
 
 

@@ -10,7 +10,7 @@ from torch.distributed.fsdp import fully_shard
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _fsdp_cases import K, METHODS, problem
+from _fsdp_cases import METHODS, K, problem
 
 import mftx
 from mftx.core.dist import shard

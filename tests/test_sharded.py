@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _fsdp_cases import K, METHODS, problem
+from _fsdp_cases import METHODS, K, problem
 from test_distributed import torchrun
 
 import mftx
