@@ -284,11 +284,6 @@ def score_with_config(
     cfg.validate()
     backend = get_backend(cfg.backend)
     on = dist.active(cfg.distributed)
-    if on and cfg.backend == "xla":
-        raise ValueError(
-            "backend='xla' is not data-parallel in mftx: with torch.distributed initialised use "
-            "backend='eager' or 'compile', or pass distributed=False to score each shard alone"
-        )
     need_train, need_val = _needs(cfg.method)
     train_b = _materialise(train, "train", need_train, on)
     val_b = _materialise(val, "val", need_val, on)

@@ -103,21 +103,19 @@ def test_distributed_true_without_a_process_group_is_refused():
                    distributed=True, progress=False)  # fmt: skip
 
 
-def test_xla_is_refused_by_name_when_distributed():
-    """One rank in-process (a gloo group of size 1): the refusal comes before any work."""
+def test_one_rank_group_equals_no_group():
+    """A gloo group of size 1 in this process: collectives run and change nothing."""
     import torch.distributed as tdist
 
     model, train, val, objective, space = PROBLEMS["mlp"]()
+    kw = {"params": space, "loss_fn": objective, "progress": False}
     tdist.init_process_group("gloo", store=tdist.HashStore(), rank=0, world_size=1)
     try:
-        with pytest.raises(ValueError, match="backend='xla' is not data-parallel"):
-            mftx.score(model, train, val, method="taylor", params=space, loss_fn=objective,
-                       backend="xla", progress=False)  # fmt: skip
-        # One rank is one process: the same scores as without a group.
-        one = mftx.score(model, train, val, method="taylor", params=space, loss_fn=objective,
-                         progress=False)  # fmt: skip
+        grouped = [mftx.score(model, train, val, method=m, **kw) for m in ("taylor", "gradient")]
+        grouped.append(run("ekfac-sampled", train, val, distributed=True))
     finally:
         tdist.destroy_process_group()
-    alone = mftx.score(model, train, val, method="taylor", params=space, loss_fn=objective,
-                       progress=False)  # fmt: skip
-    assert torch.equal(flat(one), flat(alone))
+    alone = [mftx.score(model, train, val, method=m, **kw) for m in ("taylor", "gradient")]
+    alone.append(run("ekfac-sampled", train, val, distributed=False))
+    for a, b in zip(grouped, alone):
+        assert torch.equal(flat(a), flat(b))

@@ -54,9 +54,14 @@ def rank_world(enabled: bool = True) -> Tuple[int, int]:
 
 
 def _device() -> torch.device:
-    """Where collectives run: CUDA for NCCL, the CPU otherwise (gloo)."""
-    if torch.distributed.get_backend() == "nccl":
+    """Where collectives run: CUDA for NCCL, the XLA device for "xla", else the CPU (gloo)."""
+    backend = torch.distributed.get_backend()
+    if backend == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
+    if backend == "xla":
+        import torch_xla
+
+        return torch_xla.device()
     return torch.device("cpu")
 
 
