@@ -17,7 +17,7 @@ The study (`mftx.study`: fine-tuning, analysis, protocols, report) and the
 command line (`mftx.cli`) sit on top; nothing here imports them.
 """
 
-from . import ops
+from . import ops, sharded
 from ._version import __version__
 from .core.objective import HFClassification, Objective, batch_size
 from .core.params import DEFAULT_EXCLUDE, ParamSpace, select_params
@@ -74,6 +74,7 @@ __all__ = [
     "ops",
     "score",
     "select_params",
+    "sharded",
     "spectra",
     "spectrum",
 ]

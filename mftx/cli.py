@@ -153,15 +153,22 @@ def _expand_checkpoints(paths: Sequence[str]) -> List[Path]:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
+    from .study import parallel
     from .study.analysis import analyze
     from .study.report import format_tables, load_run
 
     cfg = _analyze_config(args)
     cfg.validate()
     ckpts = _expand_checkpoints(args.checkpoints)
-    _setup_logging(Path(args.out), "analyze", args)
-    analyze(ckpts, cfg, Path(args.out), force=args.force, command=args.command_args)
-    print(format_tables(load_run(Path(args.out))))
+    split = parallel.from_env()  # torchrun ... -m mftx analyze: stages spread over ranks
+    name = "analyze" if split is None or split.writer else f"analyze.rank{split.rank}"
+    _setup_logging(Path(args.out), name, args)
+    try:
+        analyze(ckpts, cfg, Path(args.out), force=args.force, command=args.command_args)
+    finally:
+        parallel.reset()
+    if split is None or split.writer:
+        print(format_tables(load_run(Path(args.out))))
     return 0
 
 

@@ -33,9 +33,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import ops
+from . import ops, sharded
 from ._config import help_field
 from .backends.backend import BACKENDS, get_backend
+from .core import dist
 from .core.objective import check_batches, default_loss
 from .core.params import ParamSpace, select_params
 from .curvature import spectra
@@ -45,7 +46,6 @@ from .curvature.hvp import (
     Curvature,
     batch_weights,
     resolve_batch_size,
-    sample_indices,
 )
 from .errors import ConvergenceError, ConvergenceWarning
 from .inverse import ekfac, solvers
@@ -137,7 +137,11 @@ class ScoreConfig:
         "backend='xla': also torch.compile(backend='openxla') the per-batch HVP", False
     )
     distributed: Optional[bool] = help_field(
-        "all-reduce gradients and HVPs over torch.distributed ranks (None: when initialised)", None
+        "data-parallel over torch.distributed ranks (None: when initialised): train and val "
+        "are this rank's shards; gradients, HVPs, EK-FAC factors and counts are summed over "
+        "ranks and seeded draws index the union (the shards in rank order), so every rank "
+        "gets one process's result on the union (mftx.core.dist.shard splits a list)",
+        None,
     )
     batch_size_fn: Optional[Callable[[Any], float]] = help_field(
         "batch -> its weight in the dataset mean (examples, tokens); None: the loss's own "
@@ -211,12 +215,15 @@ class ScoreConfig:
         return "\n".join(f"{f.name}: {f.metadata.get('help', '')}" for f in fields(cls))
 
 
-def _materialise(data: Optional[Iterable], what: str, needed: bool) -> list:
+def _materialise(
+    data: Optional[Iterable], what: str, needed: bool, distributed: bool = False
+) -> list:
     """The batches of `data` as a list, read once: a list, any iterable, a DataLoader.
 
     Mapping batches (a collator's BatchEncoding) become plain dicts. The solvers
     pass over the batches many times, so a shuffling DataLoader is read once and
-    its order kept.
+    its order kept. Distributed, a rank's shard may be empty as long as the
+    union is not (checked on every rank alike).
     """
     if data is None:
         if needed:
@@ -235,7 +242,12 @@ def _materialise(data: Optional[Iterable], what: str, needed: bool) -> list:
             f"got {type(data).__name__}"
         ) from None
     batches = [dict(b) if isinstance(b, Mapping) else b for b in it]
-    if needed and not batches:
+    if needed and distributed:
+        if sum(dist.counts(len(batches))) == 0:
+            raise ValueError(
+                f"{what} is empty on every rank: the method needs at least one {what} batch"
+            )
+    elif needed and not batches:
         raise ValueError(f"{what} is empty: the method needs at least one {what} batch")
     return batches
 
@@ -302,9 +314,10 @@ def score_with_config(
 ) -> Scores:
     cfg.validate()
     backend = get_backend(cfg.backend)
+    on = dist.active(cfg.distributed)
     need_train, need_val = _needs(cfg.method)
-    train_b = _materialise(train, "train", need_train)
-    val_b = _materialise(val, "val", need_val)
+    train_b = _materialise(train, "train", need_train, on)
+    val_b = _materialise(val, "val", need_val, on)
     model, train_b, val_b, params, cfg = backend.prepare(model, train_b, val_b, params, cfg)
     space = params if params is not None else select_params(model)
     frozen = [n for n, p in space if not p.requires_grad]
@@ -325,6 +338,11 @@ def score_with_config(
         solvers.check_explicit_size(space.numel, cfg.max_explicit)
     if cfg.method == "influence" and cfg.solver == "ekfac":
         ekfac.linear_blocks(model, space)  # refuses parameters outside nn.Linear modules
+    if sharded.is_sharded(space.params):  # FSDP2: each rank scores its shard
+        s = sharded.score(model, train_b, val_b, space, loss_fn, cfg)
+        s.config.update(asdict(cfg), loss_fn=_name(loss_fn), batch_size_fn=None
+                        if cfg.batch_size_fn is None else _name(cfg.batch_size_fn))  # fmt: skip
+        return s
 
     was_training = model.training
     model.eval()
@@ -342,8 +360,8 @@ def score_with_config(
     stats["seconds"] = time.perf_counter() - t0
     stats["analysed"] = space.summary()
     config = asdict(cfg)
-    config["n_train_batches"] = len(train_b)
-    config["n_val_batches"] = len(val_b)
+    config["n_train_batches"] = int(sum(dist.counts(len(train_b), on)))  # the union's
+    config["n_val_batches"] = int(sum(dist.counts(len(val_b), on)))
     config["loss_fn"] = _name(loss_fn)
     config["batch_size_fn"] = None if cfg.batch_size_fn is None else _name(cfg.batch_size_fn)
     s = Scores(cfg.method, dict(zip(space.names, tensors)), config=config, stats=stats)
@@ -403,16 +421,21 @@ def _gradient(model, space, train, val, loss_fn, cfg):
 def _influence(model, space, train, val, loss_fn, cfg):
     val_op = _curvature(model, space, val, loss_fn, cfg, "val")
     g_val, val_loss = val_op.gradient(_progress(val, cfg, "val gradient"), "validation loss")
-    idx = sample_indices(len(train), cfg.hvp_batches, cfg.seed)
+    on = dist.active(cfg.distributed)
+    # Drawn by global batch index: the same batches whatever the world size.
+    idx, n_drawn = dist.sample_local(len(train), cfg.hvp_batches, cfg.seed, on)
     share = 1.0
-    if len(idx) < len(train) and (cfg.num_examples or {}).get("train") is not None:
+    if (cfg.num_examples or {}).get("train") is not None:
         w = batch_weights(resolve_batch_size(loss_fn, cfg.batch_size_fn), train)
-        share = sum(w[i] for i in idx) / sum(w)
+        sums = torch.tensor([sum(w[i] for i in idx), sum(w)], dtype=torch.float64)
+        sums = dist.all_sum(sums, on)
+        if float(sums[1]) > 0:
+            share = float(sums[0] / sums[1])
     batches = [train[i] for i in idx]
     stats = {
         "val_loss": val_loss,
         "val_grad_norm": float(g_val.norm()),
-        "hvp_batches_used": len(idx),
+        "hvp_batches_used": n_drawn,
     }
     if cfg.solver == "ekfac":
         res = _ekfac_solve(model, space, batches, loss_fn, g_val, cfg, stats)
@@ -466,7 +489,7 @@ def _solve(op: Curvature, b: torch.Tensor, cfg: ScoreConfig, stats: dict) -> sol
         return solvers.lissa(
             op.matvec, b, damping, scale=cfg.lissa_scale, depth=cfg.lissa_depth,
             repeats=cfg.lissa_repeats, tol=cfg.tol,
-            n_batches=len(op.batches) if cfg.lissa_stochastic else None, seed=cfg.seed,
+            n_batches=op.global_batches()[1] if cfg.lissa_stochastic else None, seed=cfg.seed,
             progress=cfg.progress,
         )  # fmt: skip
     return solvers.explicit(op.matvec, b, damping, max_size=cfg.max_explicit)
@@ -479,8 +502,11 @@ def _lowrank_solve(op: Curvature, b: torch.Tensor, cfg: ScoreConfig, stats: dict
     t0 = time.perf_counter()
     space = op.space
     path = Path(cfg.lowrank_file) if cfg.lowrank_file else None
-    setting = {"curvature": cfg.curvature, "hvp_batches": len(op.batches), "seed": cfg.seed}
-    if path is not None and path.is_file():
+    setting = {"curvature": cfg.curvature, "hvp_batches": op.global_batches()[1], "seed": cfg.seed}
+    exists = path is not None and path.is_file()
+    if op.distributed and path is not None:  # load only if every rank sees the file
+        exists = min(dist.counts(float(exists))) > 0
+    if exists:
         inv = LowRankInverse.load(path)
         inv.check_space(space.names, space.numels)
         saved = {k: inv.info.get(k) for k in setting}
@@ -495,7 +521,7 @@ def _lowrank_solve(op: Curvature, b: torch.Tensor, cfg: ScoreConfig, stats: dict
             op.matvec, b, cfg.rank, cfg.lanczos_steps, tol=cfg.lanczos_tol, seed=cfg.seed,
             progress=cfg.progress, info=info,
         )  # fmt: skip
-        if path is not None:
+        if path is not None and dist.rank_world(op.distributed)[0] == 0:
             inv.save(path)
         loaded = False
     lam = inv.eigenvalues
@@ -526,7 +552,14 @@ def _ekfac_solve(model, space, batches, loss_fn, g, cfg: ScoreConfig, stats: dic
     """solver="ekfac": fit the Kronecker factors on the HVP batches, invert in closed form."""
     t0 = time.perf_counter()
     fitted = ekfac.fit(
-        model, space, batches, loss_fn, fisher=cfg.fisher, seed=cfg.seed, progress=cfg.progress
+        model,
+        space,
+        batches,
+        loss_fn,
+        fisher=cfg.fisher,
+        seed=cfg.seed,
+        progress=cfg.progress,
+        distributed=dist.active(cfg.distributed),
     )
     lam = fitted.eigenvalues()
     if cfg.damping == "auto":

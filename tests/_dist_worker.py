@@ -1,4 +1,4 @@
-"""Worker for test_distributed.py: influence scores from a data-parallel shard (torchrun)."""
+"""Worker for test_distributed.py: every case of _dist_cases on this rank's shard (torchrun)."""
 
 import sys
 from pathlib import Path
@@ -7,23 +7,21 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _toys import mlp_problem
+from _dist_cases import CASES, PROBLEMS, run
 
-import mftx
+from mftx.core.dist import shard
 
 
-def main(out: Path, method: str) -> None:
+def main(out: Path, names) -> None:
     dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    model, train, val, objective = mlp_problem(n_batches=4)
-    space = mftx.select_params(model, exclude=None)
-    scores = mftx.score(
-        model, train[rank::world], val[rank::world], method=method, params=space,
-        loss_fn=objective, curvature="ggn", damping=0.5, tol=1e-13, max_iter=500, progress=False,
-    )  # fmt: skip
-    scores.save(out / f"{method}-rank{rank}.safetensors")
+    rank = dist.get_rank()
+    for name in names:
+        _, train, val, _, _ = PROBLEMS[CASES[name][0]]()
+        result = run(name, shard(train), shard(val), distributed=True)
+        suffix = "json" if CASES[name][1] == "spectrum" else "safetensors"
+        result.save(out / f"{name}-rank{rank}.{suffix}")
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2])
+    main(Path(sys.argv[1]), sys.argv[2].split(","))

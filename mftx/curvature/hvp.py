@@ -36,6 +36,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, grad_and_value, jvp, vjp
 
+from ..core import dist
+from ..core.dist import sample_indices
 from ..core.objective import Objective, batch_size
 from ..core.params import ParamSpace
 from ..errors import NonFiniteError
@@ -265,9 +267,8 @@ class Curvature:
         #: cache_graphs="auto": what `memory.cache_fits` decided on the first product.
         self.cache_decision: Optional[Dict[str, Any]] = None
         self.check_finite = check_finite
-        if distributed is None:
-            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        self.distributed = bool(distributed)
+        self.distributed = dist.active(distributed)
+        self._range: Optional[Tuple[int, int]] = None
         self.n_matvec = 0
         self.n_batch_products = 0
         #: Called with the CG state after each iteration (XLA cuts its graph there).
@@ -347,6 +348,13 @@ class Curvature:
             self._scale = float(w[0]) / self.num_examples
         return self._scale
 
+    def global_batches(self) -> Tuple[int, int]:
+        """(global index of this rank's first batch, batches over all ranks): the union is
+        the ranks' batches in rank order (`mftx.core.dist`). Collective on first call."""
+        if self._range is None:
+            self._range = dist.global_range(len(self.batches), self.distributed)
+        return self._range
+
     def _where(self, flat: int):
         return self.space.locate(*FlatIndex(self.space.numels).split(flat))
 
@@ -414,9 +422,13 @@ class Curvature:
         return torch.autograd.grad(z, leaves, grad_outputs=hjv, retain_graph=True)
 
     def matvec(self, v: torch.Tensor, indices: Optional[Sequence[int]] = None) -> torch.Tensor:
-        """The curvature times flat `v`, averaged over the batches (or those in `indices`)."""
+        """The curvature times flat `v`, averaged over the batches (or those in `indices`;
+        distributed: global indices into the union, see `global_batches`)."""
         self.n_matvec += 1
         idx = range(len(self.batches)) if indices is None else indices
+        if indices is not None and self.distributed:
+            offset, _ = self.global_batches()
+            idx = [i - offset for i in indices if 0 <= i - offset < len(self.batches)]
         params = self.params
         vt = tuple(self.space.unflatten(v))
         out = torch.zeros_like(v)
@@ -457,11 +469,3 @@ class Curvature:
             e[j] = 1
             cols.append(self.matvec(e))
         return torch.stack(cols, dim=1)
-
-
-def sample_indices(n: int, k: Optional[int], seed: int) -> Sequence[int]:
-    """k batch indices out of n, drawn with a seed (all of them when k is None or >= n)."""
-    if k is None or k >= n:
-        return list(range(n))
-    gen = torch.Generator().manual_seed(seed)
-    return sorted(torch.randperm(n, generator=gen)[:k].tolist())

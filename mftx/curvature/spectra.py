@@ -264,6 +264,7 @@ def spectrum(
     hvp_batches: Optional[int] = None,
     seed: int = 0,
     progress: bool = True,
+    distributed: Optional[bool] = None,
     **lanczos: Any,
 ) -> Spectrum:
     """Estimate the spectrum of the training loss's curvature over the analysed parameters.
@@ -275,18 +276,22 @@ def spectrum(
     (eager or "compile"). The model is evaluated in eval mode and left in its
     mode. Further keywords are `estimate`'s Lanczos settings (``steps``,
     ``tol``, ``probes``, ``probe_steps``, ``trace``, ``trace_products``); see
-    `Spectrum` for the result.
+    `Spectrum` for the result. `distributed` (None: when torch.distributed is
+    initialised): `train` is this rank's shard, products are summed over ranks
+    and `hvp_batches` draws from the union of the shards (`mftx.core.dist`).
     """
+    from ..core import dist
     from ..core.objective import check_batches, default_loss
     from ..core.params import select_params
-    from .hvp import Curvature, sample_indices
+    from .hvp import Curvature
 
     if backend not in ("eager", "compile"):
         raise ValueError(f"spectrum runs on backend 'eager' or 'compile', got {backend!r}")
+    on = dist.active(distributed)
     batches = list(train)
-    if not batches:
+    if sum(dist.counts(len(batches), on)) == 0:
         raise ValueError("train is empty: the spectrum needs at least one batch")
-    idx = sample_indices(len(batches), hvp_batches, seed)
+    idx, n_drawn = dist.sample_local(len(batches), hvp_batches, seed, on)
     batches = [batches[i] for i in idx]
     space = params if params is not None else select_params(model)
     loss_fn = loss_fn if loss_fn is not None else default_loss(model)
@@ -295,11 +300,11 @@ def spectrum(
     model.eval()
     try:
         op = Curvature(model, space, batches, loss_fn, curvature=curvature, mode=hvp_mode,
-                       backend=backend)  # fmt: skip
+                       backend=backend, distributed=on)  # fmt: skip
         like = space.flatten(space.detached())
         return estimate(
             op.matvec, like, seed=seed, progress=progress, **lanczos,
-            info={"curvature": curvature, "hvp_batches": len(idx), "hvp_mode": hvp_mode,
+            info={"curvature": curvature, "hvp_batches": n_drawn, "hvp_mode": hvp_mode,
                   "dtype": str(like.dtype).replace("torch.", "")},
         )  # fmt: skip
     finally:

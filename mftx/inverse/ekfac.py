@@ -37,6 +37,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..core import dist
 from ..core.objective import Objective, batch_size
 from ..core.params import ParamSpace
 
@@ -117,19 +118,23 @@ def linear_blocks(model: nn.Module, space: ParamSpace) -> List[Block]:
 
 
 def sampled_batches(
-    model: nn.Module, batches: Sequence[Any], objective: Objective, seed: int
+    model: nn.Module, batches: Sequence[Any], objective: Objective, seed: int, offset: int = 0
 ) -> List[Any]:
     """The batches with ``labels`` drawn from the model's predictive distribution (seeded).
 
     The outputs are read as logits of a categorical distribution: (batch, classes).
+    Example j (counted over the batches from `offset`, its global index in a
+    data-parallel union) gets the class at which the cumulative probabilities
+    pass a uniform keyed by (`seed`, j) (`mftx.core.dist.uniforms`): the same
+    labels however the examples are split over ranks or batched.
     """
     if not isinstance(objective, Objective):
         raise TypeError(
             "fisher='sampled' needs the outputs: pass loss_fn=mftx.Objective(outputs, loss) "
             "(the default HF objective has it), or use fisher='empirical'"
         )
-    gen = torch.Generator().manual_seed(seed)
     out = []
+    pos = offset
     with torch.no_grad():
         for i, b in enumerate(batches):
             z = objective.outputs(model, b)
@@ -139,7 +144,9 @@ def sampled_batches(
                     f"batch {i} gives outputs of shape {tuple(z.shape)}. Use fisher='empirical'."
                 )
             probs = torch.softmax(z.detach().to(torch.float64).cpu(), dim=1)
-            y = torch.multinomial(probs, 1, generator=gen).squeeze(1)
+            u = dist.uniforms(seed, pos, probs.shape[0])
+            pos += probs.shape[0]
+            y = (u[:, None] >= torch.cumsum(probs, 1)).sum(1).clamp(max=probs.shape[1] - 1)
             out.append({**b, "labels": y.to(b["labels"].device, b["labels"].dtype)})
     return out
 
@@ -260,15 +267,24 @@ def fit(
     fisher: str = "sampled",
     seed: int = 0,
     progress: bool = False,
+    distributed: Optional[bool] = None,
 ) -> EKFAC:
-    """Fit EK-FAC over `batches`: one pass for A and S, one for the corrected eigenvalues."""
+    """Fit EK-FAC over `batches`: one pass for A and S, one for the corrected eigenvalues.
+
+    `distributed` (None: when torch.distributed is initialised): `batches` is this
+    rank's shard; the factors, corrected eigenvalues and example count are summed
+    over ranks and sampled labels keyed by global example index, so every rank
+    gets the fit of one process on the union of the shards.
+    """
     if fisher not in FISHERS:
         raise ValueError(f"fisher must be one of {FISHERS}, got {fisher!r}")
     t0 = time.perf_counter()
+    on = dist.active(distributed)
     blocks = linear_blocks(model, space)
     batches = list(batches)
     if fisher == "sampled":
-        batches = sampled_batches(model, batches, loss_fn, seed)
+        offset = dist.example_offset(sum(batch_size(b) for b in batches), on)
+        batches = sampled_batches(model, batches, loss_fn, seed, offset)
     f64 = torch.float64
     A = [torch.zeros(b.k, b.k, dtype=f64) for b in blocks]
     S = [torch.zeros(b.d_out, b.d_out, dtype=f64) for b in blocks]
@@ -278,6 +294,7 @@ def fit(
             A[i] += (aw.reshape(-1, a.shape[-1]).T @ a.reshape(-1, a.shape[-1])).to(f64).cpu()
             d2 = d.reshape(-1, d.shape[-1])
             S[i] += (d2.T @ d2).to(f64).cpu()
+    _sum_over_ranks(A + S, on)
     for i, b in enumerate(blocks):  # eigenbases are scale-free: no normalisation needed
         b.QA = torch.linalg.eigh(A[i])[1]
         b.QS = torch.linalg.eigh(S[i])[1]
@@ -290,10 +307,21 @@ def fit(
             QA, QS = b.QA.to(a.device, a.dtype), b.QS.to(d.device, d.dtype)
             rotated = torch.einsum("bto,bti->boi", d @ QS, a @ QA)  # Q_Sᵀ G_n Q_A per example
             b.lam += (rotated * rotated).sum(0).to(f64).cpu()
+    _sum_over_ranks([b.lam for b in blocks], on)
+    n_all, n_batches = (int(sum(dist.counts(x, on))) for x in (n_all, len(batches)))
     for b in blocks:
         b.lam /= n_all
     info = {
-        "fisher": fisher, "seed": seed, "modules": len(blocks), "batches": len(batches),
+        "fisher": fisher, "seed": seed, "modules": len(blocks), "batches": n_batches,
         "examples": n_all, "seconds": time.perf_counter() - t0,
     }  # fmt: skip
     return EKFAC(blocks, space.numels, info)
+
+
+def _sum_over_ranks(tensors: List[torch.Tensor], on: bool) -> None:
+    """Each tensor summed over ranks in place (one collective for all of them)."""
+    if not on or not tensors:
+        return
+    flat = dist.all_sum(torch.cat([t.reshape(-1) for t in tensors]))
+    for t, part in zip(tensors, torch.split(flat, [t.numel() for t in tensors])):
+        t.copy_(part.view_as(t))

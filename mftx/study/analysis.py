@@ -40,7 +40,7 @@ from ..evaluate import evaluate
 from ..ops.indexing import FlatIndex
 from ..scores import METHODS, Scores
 from ..scoring import ScoreConfig, score_with_config
-from . import crossfit
+from . import crossfit, parallel
 from .checkpoint import Checkpoint
 from .config import AnalyzeConfig, parse_method
 from .fidelity import run_fidelity
@@ -88,13 +88,20 @@ def analyze(
     if cfg.data is not None:
         config["data"] = Path(cfg.data)
     index = RunIndex(config, names, list(command or []), __version__)
+    split = parallel.current()  # under torchrun: stages spread over the processes
+    if split is not None:
+        split.attach(out)
+    writer = split is None or split.writer
     # The index describes what the records hold: a new run's settings replace the old
     # ones once it has finished (a refused or interrupted rerun leaves them as they were).
-    if force or not (out / "analysis.json").is_file():
+    if writer and (force or not (out / "analysis.json").is_file()):
         fileio.write_json(out / "analysis.json", index, root=out)
     for path in checkpoints:
         _analyze_checkpoint(Checkpoint(Path(path), cfg, out, force), cfg)
-    fileio.write_json(out / "analysis.json", index, root=out)
+    if split is not None:
+        split.finish()  # rank 0: once every process is done
+    if writer:
+        fileio.write_json(out / "analysis.json", index, root=out)
     return index
 
 

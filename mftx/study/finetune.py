@@ -207,6 +207,9 @@ def finetune(cfg: FinetuneConfig, out: Path, force: bool = False) -> Dict[str, A
             return summary
     if force and state_dir.exists():
         shutil.rmtree(state_dir)
+    old_state = state_dir.with_name(state_dir.name + ".old")
+    if not state_dir.exists() and old_state.exists() and not force:
+        old_state.replace(state_dir)  # killed between _save_state's two renames: the last whole one
     out.mkdir(parents=True, exist_ok=True)
     _seed_everything(cfg.seed)
     model, tok = load_classifier(cfg.model, seed=cfg.seed)

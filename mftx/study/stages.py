@@ -25,7 +25,7 @@ import torch
 
 from .. import fileio
 from ..masking import fingerprint
-from . import schema
+from . import parallel, schema
 
 __all__ = ["Stage", "StageMismatch", "digest_batches", "digest_tensors", "flatten_settings"]
 
@@ -101,6 +101,15 @@ class Stage:
         self.path = Path(self.path)
         # As the settings read back from disk: tuples become lists, paths absolute.
         self.settings = fileio.loads(fileio.dumps(self.settings, self.root), self.root)
+        # Under torchrun (`mftx.study.parallel`): one process owns, computes and writes it.
+        split = parallel.current()
+        self._owner, self._index = split.assign() if split is not None else (0, 0)
+
+    @property
+    def mine(self) -> bool:
+        """Whether this process computes and writes the stage (always, in one process)."""
+        split = parallel.current()
+        return split is None or split.rank == self._owner
 
     def differences(self, rec: schema.StageRecord) -> List[str]:
         """What differs between `rec` and this run's settings and inputs, one phrase each."""
@@ -124,7 +133,18 @@ class Stage:
         return out
 
     def previous(self) -> Optional[schema.StageRecord]:
-        """The record to reuse or resume, None to start afresh; raises `StageMismatch`."""
+        """The record to reuse or resume, None to start afresh; raises `StageMismatch`.
+
+        A stage another process owns: its record once the owner has gone past it."""
+        if not self.mine:
+            parallel.current().wait_past(self._owner, self._index)
+            if not self.path.is_file():
+                return None
+            rec = schema.read_stage(self.path, self.kind, self.root)
+            diff = self.differences(rec)
+            if diff:
+                raise StageMismatch(self.path, diff)
+            return rec
         if self.force or not self.path.is_file():
             return None
         rec = schema.read_stage(self.path, self.kind, self.root)
@@ -137,5 +157,6 @@ class Stage:
         rec = schema.StageRecord(
             self.kind, self.settings, self.inputs, "complete" if complete else "partial", result
         )
-        fileio.write_json(self.path, rec, root=self.root)
+        if self.mine:  # the owner has written the same record
+            fileio.write_json(self.path, rec, root=self.root)
         return rec
