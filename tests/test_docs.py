@@ -76,6 +76,7 @@ def _readme(out: str, tmp: Path) -> None:
 
 def _guide(out: str, tmp: Path) -> None:
     assert "'analysed': 10637568" in out
+    assert re.search(r"^\d+ True$", out, re.M)  # CG on the GGN converged
     assert (tmp / "scores.safetensors").is_file()
     # The evaluation with 5,000 parameters masked differs from the one after restoring.
     acc = _accuracy_lines(out)
