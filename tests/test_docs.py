@@ -71,7 +71,9 @@ def _accuracy_lines(out: str) -> List[str]:
 def _readme(out: str, tmp: Path) -> None:
     lines = out.splitlines()
     assert len(_accuracy_lines(out)) == 1 and "'n': 872" in _accuracy_lines(out)[0]
-    assert lines[-1] == "True"  # EK-FAC: a closed form, reported as converged
+    # the default: EK-FAC, a closed form, no warning (pytest turns warnings into errors)
+    assert lines[-1].startswith("influence: EK-FAC of the sampled Fisher over 36 linear modules, ")
+    assert "λ = 0.01, closed form (no curvature products)" in lines[-1]
 
 
 def _guide(out: str, tmp: Path) -> None:
