@@ -22,9 +22,11 @@ from ._version import __version__
 from .core.objective import HFClassification, Objective, batch_size
 from .core.params import DEFAULT_EXCLUDE, ParamSpace, select_params
 from .curvature import lanczos, memory, spectra
+from .curvature.diagnose import Diagnosis, diagnose
 from .curvature.hvp import Curvature
 from .curvature.spectra import Spectrum, spectrum
 from .errors import (
+    ConvergenceError,
     ConvergenceWarning,
     MftxWarning,
     NegativeCurvatureError,
@@ -37,14 +39,17 @@ from .inverse.solvers import SolveResult
 from .masking import MaskStack, masked
 from .ops import Candidates
 from .scores import METHODS, Scores
-from .scoring import ScoreConfig, score
+from .scoring import DEFAULT_SOLVER, ScoreConfig, score
 
 __all__ = [
     "DEFAULT_EXCLUDE",
+    "DEFAULT_SOLVER",
     "METHODS",
     "Candidates",
+    "ConvergenceError",
     "ConvergenceWarning",
     "Curvature",
+    "Diagnosis",
     "HFClassification",
     "LowRankInverse",
     "MaskStack",
@@ -60,6 +65,7 @@ __all__ = [
     "Spectrum",
     "__version__",
     "batch_size",
+    "diagnose",
     "ekfac",
     "lanczos",
     "lowrank",

@@ -223,6 +223,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from . import fileio
+    from .curvature.diagnose import diagnose
+    from .data import load_sst2
+    from .models import load_classifier, read_metadata
+
+    path = Path(args.checkpoint)
+    meta = read_metadata(path) if (path / "mftx.json").is_file() else {}
+    seed = args.seed if args.seed is not None else int(meta.get("seed", 0))
+    model, tok = load_classifier(args.checkpoint)
+    data = load_sst2(args.data, args.train_size, seed, tokenizer=tok, max_length=args.max_length)
+    train = data.train_batches(args.batch_size, shuffle=True, seed=seed)
+    d = diagnose(
+        model, train, curvature=args.curvature, damping=args.damping, steps=args.steps,
+        hvp_batches=args.hvp_batches, seed=seed, progress=not args.no_progress,
+    )  # fmt: skip
+    print(f"{path.name}: {len(train)} training batches of {args.batch_size}, "
+          f"HVPs on {d.spectrum.info.get('hvp_batches')}")  # fmt: skip
+    print(d.report())
+    if args.json:
+        fileio.write_json(Path(args.json), d.to_json(), root=Path(args.json).parent)
+    return 0
+
+
 def cmd_selfcheck(args: argparse.Namespace) -> int:
     from .ops.selfcheck import run
 
@@ -381,6 +405,24 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser(
+        "diagnose",
+        help="before a solve: is (C + λI) well posed at this damping? (Lanczos on the curvature)",
+    )
+    p.add_argument("checkpoint", help="a checkpoint directory (or a Hugging Face model name)")
+    _data_args(p)
+    p.add_argument("--seed", type=int, default=None, help="data seed (default: the checkpoint's)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--hvp-batches", type=_optional_int, default=4,
+                   help="training batches for the curvature products ('all': every batch)")  # fmt: skip
+    p.add_argument("--curvature", choices=["hessian", "ggn"], default="hessian")
+    p.add_argument("--damping", type=float, default=0.01, help="the λ to check")
+    p.add_argument("--steps", type=int, default=20, help="Lanczos steps (curvature products)")
+    p.add_argument("--json", default=None, help="also write the diagnosis as JSON here")
+    _common(p)
+    p.set_defaults(func=cmd_diagnose)
+
     p = sub.add_parser("selfcheck", help="run every op on both paths and print timings")
     p.add_argument("--size", type=int, default=4_000_000, help="number of scores")
     _common(p)
@@ -389,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: Options whose value is a path (recorded relative to the output directory).
-PATH_OPTIONS = ("--data", "--out")
+PATH_OPTIONS = ("--data", "--out", "--json")
 
 
 def command_args(argv: Sequence[str], cwd: Optional[Path] = None) -> List[Union[str, Path]]:

@@ -46,3 +46,8 @@ class ConvergenceWarning(MftxWarning):
     """An iterative solve stopped without meeting its tolerance: the scores come from a
     partial iterate, not from the formula's solution. The message names the solver, the
     iterations, the relative residual reached and what to try."""
+
+
+class ConvergenceError(ArithmeticError):
+    """``strict=True``: an iterative solve stopped without meeting its tolerance (the
+    same message as `ConvergenceWarning`, raised instead of returning the partial iterate)."""

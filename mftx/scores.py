@@ -10,7 +10,7 @@ import torch
 from . import fileio, ops
 from .ops import Candidates
 
-__all__ = ["METHODS", "Scores"]
+__all__ = ["METHODS", "Scores", "describe"]
 
 #: For each method: the data it uses (training and/or validation batches), whether
 #: candidates are the largest scores (else the smallest), and its flag rule (threshold,
@@ -55,6 +55,93 @@ METHODS: Dict[str, Dict[str, Any]] = {
 
 _FORMAT = "mftx.scores/1"
 
+_SOLVER_NAMES = {"cg": "CG", "minres": "MINRES", "lissa": "LiSSA", "explicit": "a dense solve"}
+_CURVATURE_SYMBOL = {"hessian": "H", "ggn": "G"}
+
+
+def _num(x: Any) -> str:
+    return "n/a" if x is None else f"{x:.3g}"
+
+
+def describe(method: str, config: Dict[str, Any], stats: Dict[str, Any]) -> str:
+    """One line saying what a scoring run computed and how well, from its config and stats.
+
+    For an influence solve: the solver, the system (curvature and λ), iterations,
+    the relative residual reached, whether it met the tolerance, curvature products
+    and seconds; "NOT converged" where the scores come from a partial iterate. The
+    same line is logged by `mftx analyze`, printed by the CLI and shown by the report.
+    """
+    secs = stats.get("seconds")
+    tail = f"; {secs:.1f} s" if isinstance(secs, (int, float)) else ""
+    if method == "gradient":
+        lr = config.get("lr")
+        what = "gradient rule |θ − lr·g| < |θ|" + (f" (lr {lr:g})" if isinstance(lr, float) else "")
+        if stats.get("flagged") is not None:
+            what += f", {stats['flagged']:,} flagged detrimental"
+        return what + tail
+    if method == "taylor":
+        return "taylor −∇L_val ⊙ θ (first order)" + tail
+    if method == "magnitude":
+        return "magnitude |θ|" + tail
+    if method == "obd":
+        probes = stats.get("probes", config.get("probes"))
+        diag = (
+            "exact diag(H_val)" if probes == 0 else f"diag(H_val) from {probes} Hutchinson probes"
+        )
+        return (
+            f"obd −∇L_val ⊙ θ + ½ diag(H_val) ⊙ θ² ({diag}, {stats.get('n_hvp', 0)} products)"
+            + tail
+        )
+    solver = stats.get("solver") or {}
+    name = solver.get("solver", config.get("solver"))
+    lam = stats.get("damping", config.get("damping"))
+    lam_text = _num(lam) if isinstance(lam, (int, float)) else str(lam)
+    products = stats.get("n_hvp", solver.get("n_matvec"))
+    if name == "ekfac":
+        ek = stats.get("ekfac") or {}
+        fisher = ek.get("fisher", config.get("fisher", "sampled"))
+        mods = ek.get("modules")
+        where = f" over {mods} linear modules" if mods is not None else ""
+        return (
+            f"influence: EK-FAC of the {fisher} Fisher{where}, λ = {lam_text}, closed form "
+            "(no curvature products)" + tail
+        )
+    sym = _CURVATURE_SYMBOL.get(config.get("curvature", "hessian"), "C")
+    rel = solver.get("relative_residual")
+    if name == "lanczos":
+        low = stats.get("lowrank") or {}
+        rank = low.get("rank", config.get("rank"))
+        text = (
+            f"influence: rank-{rank} Lanczos inverse of {sym} (λ = {lam_text}), "
+            f"{100 * rel:.0f} % of ∇L_val outside the eigenvectors' span"
+            if isinstance(rel, (int, float))
+            else f"influence: rank-{rank} Lanczos inverse of {sym} (λ = {lam_text})"
+        )
+        if solver.get("converged") is False:
+            text += ", eigenpairs NOT converged"
+        return text + f"; {products or 0} products" + tail
+    label = _SOLVER_NAMES.get(name, str(name))
+    text = f"influence: {label} on ({sym} + {lam_text} I), {solver.get('iterations', 0)} it., rel. residual {_num(rel)}"
+    if solver.get("converged") is False or not meets_tolerance(config, solver):
+        text += f" — NOT converged (tol {_num(config.get('tol'))}; {solver.get('reason', '')})"
+    elif solver:
+        text += " (converged)"
+    return text + f"; {products or 0} products" + tail
+
+
+def meets_tolerance(config: Dict[str, Any], solver: Dict[str, Any]) -> bool:
+    """Whether a solve did what its name says: the solver's own verdict (tolerance met;
+    for Lanczos, eigenpairs converged), and for fixed-iteration CG, which has no stopping
+    test, a final relative residual within ``tol``. True where there was no solve."""
+    if not solver:
+        return True
+    if solver.get("converged") is False:
+        return False
+    rel, tol = solver.get("relative_residual"), config.get("tol")
+    if solver.get("solver") == "cg" and config.get("fixed_iterations") and isinstance(tol, float):
+        return rel is None or tol <= 0 or rel <= tol
+    return True
+
 
 class Scores:
     """Per-parameter scores of one method, keyed by parameter name.
@@ -94,7 +181,21 @@ class Scores:
         return sum(t.numel() for t in self.scores.values())
 
     def __repr__(self) -> str:
-        return f"Scores(method={self.method!r}, tensors={len(self.scores)}, numel={self.numel})"
+        return f"Scores({self.method!r}, {self.numel:,} parameters: {self.summary()})"
+
+    def summary(self) -> str:
+        """What was computed, in one line: method, solver, curvature, λ, iterations,
+        relative residual, converged or not, curvature products, seconds (`describe`)."""
+        return describe(self.method, self.config, self.stats)
+
+    @property
+    def converged(self) -> Optional[bool]:
+        """For an iterative influence solve, whether it met its tolerance; None where
+        there was no iterative solve (first-order methods, EK-FAC's closed form)."""
+        solver = self.stats.get("solver")
+        if not solver or solver.get("solver") in ("ekfac",):
+            return None
+        return meets_tolerance(self.config, solver)
 
     def candidates(self, k: int) -> Candidates:
         """The k parameters most worth removing, most first."""

@@ -216,13 +216,30 @@ def test_influence_matches_a_dense_float64_solve(problem, curvature, solver):
         damping = 0.05
     g_val = torch.func.grad(mean_ce(model, space, val))(theta).detach()
     want = -theta * torch.linalg.solve(C + damping * torch.eye(space.numel).double(), g_val)
+    # MINRES checks the residual recomputed from s, which rounding keeps above ~1e-12, and
+    # above ~1e-8 (ViT) or ~5e-7 (Llama) where the model rounds through float32 (LOOSE)
+    tol = 1e-12 if solver == "cg" else {"llama": 1e-6, "vit": 1e-8}.get(family, 1e-9)
     got = mftx.score(model, train, val, method="influence", params=space, curvature=curvature,
-                     solver=solver, damping=damping, tol=1e-12, max_iter=300,
+                     solver=solver, damping=damping, tol=tol, max_iter=300, strict=True,
                      progress=False)  # fmt: skip
-    if solver == "cg":
-        assert got.stats["solver"]["converged"]
-    else:  # MINRES reports the residual recomputed from s: rounding keeps it above 1e-12
-        assert got.stats["solver"]["relative_residual"] < 1e-7
+    assert got.converged and got.stats["solver"]["relative_residual"] <= tol
+    assert rel(space.flatten([got.scores[n] for n in space.names]), want) < LOOSE.get(family, 1e-8)
+
+
+def test_the_default_influence_runs_on_every_family(problem):
+    """EK-FAC (the default) covers every family's analysed blocks, GPT-2's Conv1D included:
+    the scores are −θ ⊙ (F + 0.01 I)⁻¹ ∇L_val with F the fitted EK-FAC and ∇L_val taken
+    here by autograd, and the run is silent (pytest turns warnings into errors)."""
+    from mftx.inverse import ekfac
+
+    family, model, train, val = problem
+    space = mftx.select_params(model)
+    got = mftx.score(model, train, val, progress=False)
+    assert got.stats["solver"]["solver"] == "ekfac" and got.converged is None
+    theta = space.flatten(space.detached())
+    g_val = torch.func.grad(mean_ce(model, space, val))(theta).detach()
+    fitted = ekfac.fit(model, space, train, mftx.HFClassification(), seed=0)
+    want = -theta * fitted.solve(g_val, 0.01)
     assert rel(space.flatten([got.scores[n] for n in space.names]), want) < LOOSE.get(family, 1e-8)
 
 

@@ -204,8 +204,12 @@ def test_ekfac_refuses_parameters_outside_linear_modules():
         model, include=[r"layer\.1\.output\."], exclude=None, structural=False
     )
     assert any("LayerNorm" in n for n in space.names)
-    with pytest.raises(ValueError, match=r"nn\.Linear modules only.*LayerNorm"):
+    with pytest.raises(
+        ValueError, match=r"linear modules only \(nn\.Linear, GPT-2's Conv1D\).*LayerNorm"
+    ):
         mftx.score(model, train, val, params=space, solver="ekfac", progress=False)
+    with pytest.raises(ValueError, match=r"linear modules only.*LayerNorm.*another solver"):
+        mftx.score(model, train, val, params=space, progress=False)  # the default: EK-FAC
     with pytest.raises(ValueError, match="fisher must be one of"):
         mftx.score(model, train, val, solver="ekfac", fisher="true", progress=False)
     mlp, mtrain, mval, obj = mlp_problem()
@@ -227,3 +231,97 @@ def test_influence_with_ekfac():
     auto = mftx.score(model, train, val, params=space, solver="ekfac", damping="auto",
                       progress=False)  # fmt: skip
     assert auto.stats["damping"] == pytest.approx(0.01 * float(fitted.eigenvalues().max()))
+
+
+def _tiny_gpt2(seed=0):
+    import transformers as T
+
+    from mftx.models import tiny_config
+
+    config = tiny_config("gpt2", 40, 8, 2, 2, 16, 3, 16)
+    config.initializer_range = 0.2
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = T.AutoModelForSequenceClassification.from_config(
+            config, attn_implementation="eager"
+        )
+    gen = torch.Generator().manual_seed(seed)
+
+    def mk(n):
+        ids = torch.randint(5, 40, (n, 6), generator=gen)
+        mask = torch.ones(n, 6, dtype=torch.long)
+        mask[0, 4:] = 0
+        ids[mask == 0] = 0
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "labels": torch.randint(0, 3, (n,), generator=gen),
+        }
+
+    return model.double().eval(), [mk(4), mk(3)], [mk(5)]
+
+
+def conv1d_factors(model, module, batches, loss_fn):
+    """A and S of a GPT-2 Conv1D (weight (d_in, d_out), y = x W + b), with the ones column."""
+    d_in, d_out = module.weight.shape
+    A, S = 0.0, 0.0
+    for b in batches:
+        n = b["labels"].shape[0]
+        seen = {}
+
+        def hook(mod, inputs, output, seen=seen):
+            seen["a"] = inputs[0].detach()
+            seen["probe"] = torch.zeros_like(output, requires_grad=True)
+            return output + seen["probe"]
+
+        h = module.register_forward_hook(hook)
+        try:
+            (delta,) = torch.autograd.grad(loss_fn(model, b) * n, seen["probe"])
+        finally:
+            h.remove()
+        a = seen["a"].reshape(n, -1, d_in)
+        a_bar = torch.cat([a, torch.ones_like(a[..., :1])], -1).reshape(-1, d_in + 1)
+        w = b["attention_mask"].to(a.dtype).reshape(-1, 1)
+        A = A + (a_bar * w).T @ a_bar
+        d2 = delta.reshape(-1, d_out)
+        S = S + d2.T @ d2
+    return A, S
+
+
+def test_ekfac_takes_gpt2_conv1d_and_equals_its_dense_definition():
+    """GPT-2's Conv1D stores W as (in, out): the block of M = [Wᵀ | b] is read transposed."""
+    model, train, val = _tiny_gpt2()
+    obj = mftx.HFClassification()
+    space = mftx.select_params(model, include=[r"h\.1\.attn\.c_proj", r"h\.1\.mlp\.c_fc"])
+    assert {type(m).__name__ for n, m in model.named_modules() if n.endswith("c_proj")} == {
+        "Conv1D"
+    }
+    fitted = ekfac.fit(model, space, train, obj, fisher="empirical")
+    assert [b.transposed for b in fitted.blocks] == [True, True]
+    grads = per_example_grads(model, space, train, obj)
+    mods = dict(model.named_modules())
+    offsets = torch.tensor([0, *space.numels]).cumsum(0).tolist()
+    n = space.numel
+    F_dense = torch.zeros(n, n, dtype=torch.float64)
+    for prefix in ("transformer.h.1.attn.c_proj", "transformer.h.1.mlp.c_fc"):
+        mod = mods[prefix]
+        d_in, d_out = mod.weight.shape
+        A, S = conv1d_factors(model, mod, train, obj)
+        QA, QS = torch.linalg.eigh(A)[1], torch.linalg.eigh(S)[1]
+        w, bias = space.names.index(prefix + ".weight"), space.names.index(prefix + ".bias")
+        index = []  # flat position of M[o, i]: W[i, o] for i < d_in, then b[o]
+        for o in range(d_out):
+            index += [offsets[w] + i * d_out + o for i in range(d_in)] + [offsets[bias] + o]
+        index = torch.tensor(index)
+        M = grads[:, index].reshape(-1, d_out, d_in + 1)
+        lam = ((QS.T @ M @ QA) ** 2).mean(0)
+        B = torch.kron(QS, QA)
+        F_dense[index[:, None], index[None, :]] = B @ torch.diag(lam.reshape(-1)) @ B.T
+    v = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    assert rel(fitted.matvec(v), F_dense @ v) < 1e-9
+    want = torch.linalg.solve(F_dense + 0.1 * torch.eye(n, dtype=torch.float64), v)
+    assert rel(fitted.solve(v, 0.1), want) < 1e-9
+    # read untransposed, the same factors give another operator: the test can fail
+    for b in fitted.blocks:
+        b.transposed = False
+    assert rel(fitted.matvec(v), F_dense @ v) > 1e-3

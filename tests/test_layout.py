@@ -1,5 +1,5 @@
 """The package's layout: imports run one way (CLI → study → library → ops/io), no circles,
-and every public name the README documents keeps working.
+and every public name the README and the docs pages document keeps working.
 
 The import graph is read from the source with `ast`: every ``import`` and ``from … import``
 anywhere in a module counts, at module level, inside functions and under
@@ -22,7 +22,10 @@ import pytest
 import mftx
 
 PKG = Path(mftx.__file__).resolve().parent
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+#: The README and the documentation site's pages (docs/results is generated output).
+DOC_PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")),
+             *sorted((ROOT / "docs").glob("reference/*.md"))]  # fmt: skip
 
 #: Layers, bottom first. A module belongs to the longest prefix listed that it starts with
 #: (``mftx`` itself: the public API and the modules beside it); it may import modules of its
@@ -262,7 +265,7 @@ NOT_NAMES = {"mftx.json"}
 
 
 def _readme_names() -> List[str]:
-    text = README.read_text()
+    text = "\n".join(page.read_text() for page in DOC_PAGES)
     names = set(re.findall(r"\bmftx(?:\.[A-Za-z_]\w*)+", text))
     for mod, items in re.findall(r"^\s*from (mftx[\w.]*) import ([\w, ]+)$", text, re.M):
         names.update(f"{mod}.{item.strip()}" for item in items.split(","))

@@ -515,22 +515,82 @@ def _summarize():
     return mod
 
 
-def test_readme_results_tables_are_the_committed_summaries() -> None:
-    """Every table line of the README's Results section is a line of a summary.md, and each
-    summary.md is what docs/results/summarize.py gives from the CSVs beside it."""
+#: The pages that quote the study, and their sections whose every table must be lines of the
+#: committed summaries. Anywhere else on these pages, a table whose header row is a summary's
+#: header row counts as a quote too. (docs/benchmarks.md's spectra of the demo's checkpoints
+#: share a header with the study's but come from benchmarks/checkpoint_curvature.py.)
+QUOTING_SECTIONS = {
+    "README.md": ["## Results"],
+    "docs/results.md": ["## Across fine-tuning seeds"],
+    "docs/solvers.md": ["## Methods benchmark", "## The study's curvature"],
+}
+
+
+def _tables(text: str) -> List[List[str]]:
+    """The markdown tables of `text`, each as its lines (header, rule, rows)."""
+    tables, current = [], []
+    for line in [*text.splitlines(), ""]:
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            tables.append(current)
+            current = []
+    return tables
+
+
+def _section(text: str, heading: str) -> str:
+    text = "\n" + text
+    assert f"\n{heading}\n" in text, heading
+    return text.split(f"\n{heading}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def quoted_table_problems(text: str, headings: List[str], summaries: List[str]) -> List[str]:
+    """Lines of `text`'s study tables that are no line of a committed summary. Study
+    tables: every table under one of `headings`, and every table with a summary's header."""
+    lines = [set(s.splitlines()) for s in summaries]
+    headers = {t[0] for s in summaries for t in _tables(s)}
+    forced = ["\n".join(t) for h in headings for t in _tables(_section(text, h))]
+    problems = []
+    for table in _tables(text):
+        if table[0] in headers or "\n".join(table) in forced:
+            problems += [row for row in table if not any(row in s for s in lines)]
+    return problems
+
+
+def test_quoted_table_check_catches_stale_rows() -> None:
+    summary = "| a | b |\n| :-- | --: |\n| x | 1 |\n| y | 2 |\n"
+    page = "## Results\n\n| a | b |\n| :-- | --: |\n| x | 1 |\n"
+    assert quoted_table_problems(page, ["## Results"], [summary]) == []
+    assert quoted_table_problems(page.replace("| 1 |", "| 3 |"), [], [summary]) == ["| x | 3 |"]
+    other = "| c |\n| :-- |\n| z |\n"  # not a summary's table: free outside the sections
+    assert quoted_table_problems("## Other\n" + other, [], [summary]) == []
+    assert quoted_table_problems("## Results\n" + other, ["## Results"], [summary])
+    assert quoted_table_problems("## Results\n" + other, [], [summary]) == []
+    # a summary's header marks a quote outside the sections too
+    assert quoted_table_problems("## Other\n\n| a | b |\n| w | 9 |\n", [], [summary])
+
+
+def test_quoted_results_tables_are_the_committed_summaries() -> None:
+    """Every study table the README and the docs pages quote is lines of the committed
+    summary.md files, and each summary.md is what docs/results/summarize.py gives from the CSVs
+    beside it (so regenerating the results makes a stale quote fail here)."""
     mod = _summarize()
     summaries = []
     for md in sorted(DOCS.rglob("summary.md")):
         text = md.read_text()
         assert mod.summary(md.parent) == text, md
-        summaries.append(set(text.splitlines()))
+        summaries.append(text)
     assert len(summaries) >= 2  # the main run and the methods benchmark
-    readme = (DOCS.parents[1] / "README.md").read_text()
-    results = readme.split("\n## Results\n", 1)[1].split("\n## ", 1)[0]
-    lines = [x for x in results.splitlines() if x.startswith("|")]
-    assert len(lines) > 20
-    missing = [x for x in lines if not any(x in s for s in summaries)]
-    assert not missing, missing[:3]
+    root = DOCS.parents[1]
+    headers = {t[0] for s in summaries for t in _tables(s)}
+    quoted = 0
+    for name, headings in QUOTING_SECTIONS.items():
+        page = root / name
+        text = page.read_text()
+        problems = quoted_table_problems(text, headings, summaries)
+        assert not problems, (page, problems[:3])
+        quoted += sum(len(t) for t in _tables(text) if t[0] in headers)
+    assert quoted > 40
 
 
 def test_reproduce_script_parses_and_uses_only_real_options() -> None:

@@ -1,9 +1,10 @@
 """``solver="ekfac"``: the eigenvalue-corrected Kronecker-factored Fisher (George et al. 2018).
 
 No curvature-vector products: the Fisher F of the training loss is approximated
-block-diagonally, one block per `nn.Linear` module of the analysed space
-(weight and bias together: the bias is an extra input column of ones), and each
-block is inverted in closed form. For a module with per-token inputs a (with
+block-diagonally, one block per linear module of the analysed space — `nn.Linear`,
+and the ``Conv1D`` of GPT-2-style models (``y = x W + b`` with W stored as
+(in, out): the transpose of a Linear weight) — weight and bias together (the
+bias is an extra input column of ones), and each block is inverted in closed form. For a module with per-token inputs a (with
 the ones column: ā) and per-token gradients δ of the per-example loss with
 respect to its outputs:
 
@@ -30,7 +31,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -47,13 +48,14 @@ FISHERS = ("sampled", "empirical")
 
 @dataclass
 class Block:
-    """One nn.Linear module's share of the analysed space, and its factors once fitted."""
+    """One linear module's share of the analysed space, and its factors once fitted."""
 
     module: str
     weight: Optional[int]  # index of the weight tensor in the space (None: not analysed)
     bias: Optional[int]
     d_out: int
     d_in: int  # input features (without the ones column)
+    transposed: bool = False  # weight stored (d_in, d_out), as GPT-2's Conv1D
     QA: Optional[torch.Tensor] = None  # (k, k) float64, k = columns of ā
     QS: Optional[torch.Tensor] = None  # (d_out, d_out) float64
     lam: Optional[torch.Tensor] = None  # (d_out, k) float64
@@ -63,12 +65,33 @@ class Block:
         return (self.d_in if self.weight is not None else 0) + (1 if self.bias is not None else 0)
 
 
+def _linear_shape(mod: nn.Module) -> Optional[Tuple[int, int, bool]]:
+    """(d_out, d_in, transposed) of a linear module, None for anything else.
+
+    `nn.Linear` (weight (out, in)) and the ``Conv1D`` of Hugging Face's GPT-2 family
+    (weight (in, out), ``y = x W + b``; recognised by its class name and its ``nf``
+    attribute so that transformers need not be imported)."""
+    if isinstance(mod, nn.Linear):
+        return mod.out_features, mod.in_features, False
+    w = getattr(mod, "weight", None)
+    if (
+        type(mod).__name__ == "Conv1D"
+        and isinstance(w, torch.Tensor)
+        and w.dim() == 2
+        and getattr(mod, "nf", None) == w.shape[1]
+    ):
+        return w.shape[1], w.shape[0], True
+    return None
+
+
 def linear_blocks(model: nn.Module, space: ParamSpace) -> List[Block]:
-    """The Linear modules holding the analysed parameters; refuses anything else."""
+    """The linear modules (`nn.Linear`, GPT-2's ``Conv1D``) holding the analysed
+    parameters; refuses anything else, naming the parameters."""
     where = {id(p): i for i, p in enumerate(space.params)}
     blocks, covered = [], {}
     for name, mod in model.named_modules():
-        if not isinstance(mod, nn.Linear):
+        shape = _linear_shape(mod)
+        if shape is None:
             continue
         w = where.get(id(mod.weight))
         b = where.get(id(mod.bias)) if mod.bias is not None else None
@@ -77,16 +100,17 @@ def linear_blocks(model: nn.Module, space: ParamSpace) -> List[Block]:
         for i in (w, b):
             if i is not None and i in covered:
                 raise ValueError(
-                    f"solver='ekfac': {space.names[i]} is used by two Linear modules "
+                    f"solver='ekfac': {space.names[i]} is used by two linear modules "
                     f"({covered[i]} and {name}); tied weights are not supported"
                 )
             if i is not None:
                 covered[i] = name
-        blocks.append(Block(name, w, b, mod.out_features, mod.in_features))
+        blocks.append(Block(name, w, b, *shape))
     outside = [n for i, n in enumerate(space.names) if i not in covered]
     if outside:
         raise ValueError(
-            "solver='ekfac' covers the weights and biases of nn.Linear modules only; these "
+            "solver='ekfac' covers the weights and biases of linear modules only (nn.Linear, "
+            "GPT-2's Conv1D); these "
             f"analysed parameters are not: {outside[:8]}{' ...' if len(outside) > 8 else ''}. "
             "Exclude them (select_params(exclude=...)) or use another solver."
         )
@@ -204,7 +228,10 @@ class EKFAC:
         for b in self.blocks:
             cols = []
             if b.weight is not None:
-                cols.append(parts[b.weight].reshape(b.d_out, b.d_in))
+                W = parts[b.weight]
+                cols.append(
+                    W.reshape(b.d_in, b.d_out).T if b.transposed else W.reshape(b.d_out, b.d_in)
+                )
             if b.bias is not None:
                 cols.append(parts[b.bias].reshape(b.d_out, 1))
             V = torch.cat(cols, 1).to(torch.float64)
@@ -212,7 +239,8 @@ class EKFAC:
             R = QS @ ((QS.T @ V @ QA) * scale(b.lam.to(v.device))) @ QA.T
             R = R.to(v.dtype)
             if b.weight is not None:
-                outs[b.weight].copy_(R[:, : b.d_in].reshape(-1))
+                RW = R[:, : b.d_in]
+                outs[b.weight].copy_((RW.T if b.transposed else RW).reshape(-1))
             if b.bias is not None:
                 outs[b.bias].copy_(R[:, -1])
         return out

@@ -23,6 +23,7 @@ naming the differing setting, when they do not (``force`` recomputes).
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -34,6 +35,7 @@ from .. import fileio, masking
 from .._version import __version__
 from ..core.params import ParamSpace, select_params
 from ..curvature.spectra import spectrum
+from ..errors import ConvergenceWarning
 from ..evaluate import evaluate
 from ..ops.indexing import FlatIndex
 from ..scores import METHODS, Scores
@@ -215,11 +217,17 @@ def _scores(
         log.info("%s: %s scores loaded from %s", ck.name, name, file.name)
         return s, digest
     log.info("%s: scoring with %s", ck.name, name)
-    s = score_with_config(ck.model, ck.train, val, scfg, params=space)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        s = score_with_config(ck.model, ck.train, val, scfg, params=space)
+    for w in caught:  # a solve that stopped short is logged (and recorded), others pass on
+        if not issubclass(w.category, ConvergenceWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     s.save(file)
     digest = _digest(s)
     stage.save(_scores_info(name, file.name, digest, s))
-    log.info("%s: %s done in %.1f s (%s)", ck.name, name, s.stats["seconds"], _brief(s))
+    level = logging.WARNING if s.converged is False else logging.INFO
+    log.log(level, "%s: %s: %s", ck.name, name, s.summary())
     return s, digest
 
 
@@ -239,17 +247,6 @@ def _scores_info(label: str, file: str, digest: str, s: Scores) -> ScoresInfo:
         hvp_batches_used=s.stats.get("hvp_batches_used"),
         n_hvp=s.stats.get("n_hvp"),
         **{k: solver.get(k) for k in ("iterations", "relative_residual", "converged", "reason")},
-    )
-
-
-def _brief(s: Scores) -> str:
-    solver = s.stats.get("solver")
-    if not solver:
-        return "no solve"
-    res = solver["relative_residual"]
-    return (
-        f"{solver['iterations']} {solver['solver']} iterations, relative residual "
-        f"{'n/a' if res is None else f'{res:.2e}'}, {solver['reason']}"
     )
 
 
