@@ -41,6 +41,7 @@ from . import ops
 from .core import dist
 from .core.objective import batch_size
 from .core.params import ParamSpace
+from .errors import NonFiniteError
 from .inverse import ekfac
 from .ops import Candidates
 from .scores import METHODS, Scores
@@ -179,9 +180,10 @@ def sharded_topk(
         raise ValueError("scores contain NaN (on some rank): no top-k")
     mine = ops.topk(local, k, largest)
     m = len(mine)
-    exact = torch.tensor(
-        [float(local[t].reshape(-1)[f]) for t, f, _ in mine], dtype=torch.float64
-    )  # the ranking values in full precision (Candidates keep float32)
+    exact = torch.empty(m, dtype=torch.float64)  # the ranking values in full precision
+    for t in mine.tensor_index.unique().tolist():  # (Candidates keep float32)
+        sel = mine.tensor_index == t
+        exact[sel] = local[t].reshape(-1)[mine.flat_index[sel]].to(torch.float64)
     off = torch.tensor(list(offsets), dtype=torch.int64)
     kk = min(k, max(int(c) for c in dist.counts(m)))
     rank, world = dist.rank_world()
@@ -273,7 +275,7 @@ def _gradient(model, shard: ShardedSpace, batches, loss_fn, size, what: str):
     model.zero_grad(set_to_none=True)
     mean_loss = float(dist.all_sum(loss_sum)[0]) / total
     if not math.isfinite(mean_loss):
-        raise ValueError(f"the mean {what} is {mean_loss}")
+        raise NonFiniteError(f"the mean {what} is {mean_loss}")
     return grads, mean_loss
 
 

@@ -20,6 +20,7 @@ def main(out: Path, names) -> None:
         result = run(name, shard(train), shard(val), distributed=True)
         suffix = "json" if CASES[name][1] == "spectrum" else "safetensors"
         result.save(out / f"{name}-rank{rank}.{suffix}")
+    dist.barrier()  # nobody tears gloo down while another rank still talks
     dist.destroy_process_group()
 
 

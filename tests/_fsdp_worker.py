@@ -57,6 +57,7 @@ def main(out: Path) -> None:
     except ValueError as e:
         report["refusal"] = str(e)
     (out / f"report-rank{rank}.json").write_text(json.dumps(report))
+    dist.barrier()  # nobody tears gloo down while another rank still talks
     dist.destroy_process_group()
 
 

@@ -92,11 +92,18 @@ def _solvers(out: str, tmp: Path) -> None:
     assert out.splitlines()[-1] == "True 0"  # EK-FAC: no curvature products
 
 
+def _distributed(out: str, tmp: Path) -> None:
+    # Alone (a one-process group): the union's counts, and every row held.
+    assert out.splitlines()[-2:] == ["3 12", "75 of 75"]
+    assert (tmp / "scores.safetensors").is_file()
+
+
 #: What a page's code must print, beyond running without an error or a warning.
 EXPECT: Dict[str, Callable[[str, Path], None]] = {
     "README.md": _readme,
     "docs/guide.md": _guide,
     "docs/solvers.md": _solvers,
+    "docs/distributed.md": _distributed,
 }
 CODE_PAGES = [p for p in PAGES if blocks(p, "python")]
 

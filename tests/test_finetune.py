@@ -77,3 +77,33 @@ def test_interrupted_run_resumes_to_the_same_result(workspace, tmp_path, monkeyp
     a = load_file(str(tmp_path / "full" / ck / "model.safetensors"))
     b = load_file(str(tmp_path / "cut" / ck / "model.safetensors"))
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
+def test_killed_between_the_state_renames_resumes(workspace, tmp_path, monkeypatch):  # noqa: F811
+    """A kill after `state` became `state.old` and before `state.tmp` became `state`."""
+    root, data, model = workspace
+    real, calls = experiments.evaluate, []
+
+    def flaky(*args, **kw):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(experiments, "evaluate", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(_cfg(model, data), tmp_path / "cut")
+    out = tmp_path / "cut"
+    (out / "state").replace(out / "state.old")  # the first rename done, the second not
+    counted = []
+
+    def counting(*args, **kw):
+        counted.append(1)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(experiments, "evaluate", counting)
+    resumed = finetune(_cfg(model, data), out)
+    assert len(counted) == 2  # steps 6 and 8 only: it resumed at step 4, not from scratch
+    full = finetune(_cfg(model, data), tmp_path / "full")
+    assert _history(resumed) == _history(full)
+    assert not (out / "state").exists() and not (out / "state.old").exists()
