@@ -34,7 +34,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, grad_and_value, jvp, vjp
+from torch.func import functional_call, grad, grad_and_value, jvp, vjp, vmap
 
 from ..core.objective import Objective, batch_size
 from ..core.params import ParamSpace
@@ -413,17 +413,77 @@ class Curvature:
             (hjv,) = torch.autograd.grad(gz, zl, grad_outputs=jv)
         return torch.autograd.grad(z, leaves, grad_outputs=hjv, retain_graph=True)
 
+    def _rows(self, v: torch.Tensor) -> List[torch.Tensor]:
+        """Views of the (k, n) matrix `v` as (k, *shape) tensors, one per parameter."""
+        return [
+            c.view(v.shape[0], *sh)
+            for c, sh in zip(torch.split(v, self.space.numels, 1), self.space.shapes)
+        ]
+
+    def _batched_product(self, i: int, params: Params, V: Tuple[torch.Tensor, ...]):
+        """The products of batch i with the k stacked tangents `V` ((k, *shape) each): the
+        forward and first backward pass are shared, the second-order pass is batched
+        (`torch.func.vmap` over the vjp, or ``is_grads_batched`` through the graph)."""
+        self.n_batch_products += 1
+        if self.cache_graphs == "auto" and self.cache_decision is None:
+            self._decide_caching(i, params)
+        batch = self.batches[i]
+        if self.curvature == "hessian" and (self.caching or self.mode == "double-backward"):
+            if self.caching:
+                if i not in self._graphs:
+                    self._graphs[i] = self._build_graph(i, params)
+                leaves, g = self._graphs[i]
+            else:
+                leaves, g = self._build_graph(i, params)
+            return torch.autograd.grad(
+                g, leaves, grad_outputs=V, retain_graph=self.caching, is_grads_batched=True
+            )
+        if self.backend == "eager" and not self.caching and self.mode == "rev-rev":
+            fn = self._fn
+            if self.curvature == "hessian":
+                _, vjp_fn = vjp(lambda p: grad(fn.loss)(p, batch), params)
+                return vmap(vjp_fn)(V)[0]
+            z, vjp_fn = vjp(lambda p: fn.outputs(p, batch), params)
+            _, lin_vjp = vjp(vjp_fn, torch.zeros_like(z))
+            zd = z.detach()
+            loss_z = lambda zz: fn.loss_on_outputs(zz, batch)  # noqa: E731
+
+            def one(v):
+                (jv,) = lin_vjp((v,))
+                return vjp_fn(vjp(grad(loss_z), zd)[1](jv)[0])[0]
+
+            return vmap(one)(V)
+        # Anything else: one product per tangent (nothing shared).
+        self.n_batch_products -= 1
+        rows = [self._batch_product(i, params, tuple(t[j] for t in V)) for j in range(len(V[0]))]
+        return tuple(torch.stack([r[t] for r in rows]) for t in range(len(V)))
+
     def matvec(self, v: torch.Tensor, indices: Optional[Sequence[int]] = None) -> torch.Tensor:
-        """The curvature times flat `v`, averaged over the batches (or those in `indices`)."""
+        """The curvature times flat `v`, averaged over the batches (or those in `indices`).
+
+        `v` may be a (k, n) matrix of k vectors (rows): the k products then share each
+        batch's forward and first backward pass (one batched second-order pass: eager
+        ``rev-rev`` and ``double-backward`` products, cached or not; other settings take k
+        products) and count as one in `n_matvec`.
+        """
         self.n_matvec += 1
         idx = range(len(self.batches)) if indices is None else indices
         params = self.params
-        vt = tuple(self.space.unflatten(v))
+        batched = v.dim() == 2
+        if batched:
+            if v.shape[1] != self.space.numel:
+                raise ValueError(f"expected (k, {self.space.numel}) vectors, got {tuple(v.shape)}")
+            vt = tuple(self._rows(v))
+        else:
+            vt = tuple(self.space.unflatten(v))
         out = torch.zeros_like(v)
-        views = self.space.unflatten(out)
+        views = self._rows(out) if batched else self.space.unflatten(out)
         n_all = 0
         for i in idx:
-            hv = self._batch_product(i, params, vt)
+            if batched:
+                hv = self._batched_product(i, params, vt)
+            else:
+                hv = self._batch_product(i, params, vt)
             torch._foreach_add_(views, list(hv), alpha=float(self.weights[i]))
             n_all += self.weights[i]
             del hv

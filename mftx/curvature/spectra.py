@@ -7,7 +7,7 @@ quadrature (Golub & Meurant; Ubaru, Chen & Saad 2017): a run from a random unit
 vector q gives nodes θ_j (Ritz values) and weights τ_j = (first component of
 the j-th eigenvector of T)², and Σ_j τ_j f(θ_j) estimates qᵀ f(A) q =
 (1/n) tr f(A) in expectation; averaged over `probes` runs (the first is the run
-above). The trace is estimated from the same probes (Hutchinson: with a
+above; the others keep no basis: quadrature needs only T). The trace is estimated from the same probes (Hutchinson: with a
 Rademacher start z, n·α_1 = zᵀAz, no extra products) or, with
 ``trace="hutch++"``, by Hutch++ (Meyer et al. 2021) with its own products.
 
@@ -213,7 +213,7 @@ def estimate(
         run = lanczos(
             matvec, rademacher(n, seed + p, like), steps if p == 0 else probe_steps,
             tol=tol if p == 0 else 0.0, wanted=extremes, progress=progress,
-            desc=f"lanczos probe {p + 1}/{probes}",
+            desc=f"lanczos probe {p + 1}/{probes}", reorthogonalize=p == 0,
         )  # fmt: skip
         run.chunks = []  # the basis is not needed any more
         runs.append(run)
@@ -264,6 +264,7 @@ def spectrum(
     hvp_batches: Optional[int] = None,
     seed: int = 0,
     progress: bool = True,
+    cache_graphs: Union[bool, str] = False,
     **lanczos: Any,
 ) -> Spectrum:
     """Estimate the spectrum of the training loss's curvature over the analysed parameters.
@@ -272,8 +273,10 @@ def spectrum(
     draws that many of them with `seed` (None: all). `params` defaults to
     `select_params(model)`, `loss_fn` to the model's classification loss;
     `curvature` is "hessian" or "ggn"; `hvp_mode`/`backend` as in `mftx.score`
-    (eager or "compile"). The model is evaluated in eval mode and left in its
-    mode. Further keywords are `estimate`'s Lanczos settings (``steps``,
+    (eager or "compile"); `cache_graphs` as in `mftx.Curvature` (True needs
+    ``hvp_mode="double-backward"``; "auto" keeps each batch's first-order graph
+    when they fit in memory: a product then costs one backward pass through it).
+    The model is evaluated in eval mode and left in its mode. Further keywords are `estimate`'s Lanczos settings (``steps``,
     ``tol``, ``probes``, ``probe_steps``, ``trace``, ``trace_products``); see
     `Spectrum` for the result.
     """
@@ -293,16 +296,19 @@ def spectrum(
     check_batches(loss_fn, batches, "train")
     was_training = model.training
     model.eval()
+    op = None
     try:
         op = Curvature(model, space, batches, loss_fn, curvature=curvature, mode=hvp_mode,
-                       backend=backend)  # fmt: skip
+                       backend=backend, cache_graphs=cache_graphs)  # fmt: skip
         like = space.flatten(space.detached())
         return estimate(
             op.matvec, like, seed=seed, progress=progress, **lanczos,
             info={"curvature": curvature, "hvp_batches": len(idx), "hvp_mode": hvp_mode,
-                  "dtype": str(like.dtype).replace("torch.", "")},
+                  "dtype": str(like.dtype).replace("torch.", ""), "batch_indices": list(idx)},
         )  # fmt: skip
     finally:
+        if op is not None:
+            op.release()
         model.train(was_training)
 
 

@@ -224,6 +224,16 @@ class EKFAC:
         return self._apply(g, lambda lam: 1.0 / (lam + damping))
 
 
+def _eigenbasis(factor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The eigenvectors (float64) of a float64 factor, decomposed in `dtype`: a float32 model's
+    factors in float32 (half the time of float64; the corrected eigenvalues Λ are measured in
+    whatever basis this gives, so its rounding moves the answer at the float32 level only)."""
+    if dtype == torch.float64 or factor.shape[0] < 256:
+        return torch.linalg.eigh(factor)[1]
+    scale = factor.diagonal().abs().max().clamp_min(torch.finfo(torch.float64).tiny)
+    return torch.linalg.eigh((factor / scale).to(torch.float32))[1].to(torch.float64)
+
+
 def fit(
     model: nn.Module,
     space: ParamSpace,
@@ -251,8 +261,8 @@ def fit(
             d2 = d.reshape(-1, d.shape[-1])
             S[i] += (d2.T @ d2).to(f64).cpu()
     for i, b in enumerate(blocks):  # eigenbases are scale-free: no normalisation needed
-        b.QA = torch.linalg.eigh(A[i])[1]
-        b.QS = torch.linalg.eigh(S[i])[1]
+        b.QA = _eigenbasis(A[i], space.dtype)
+        b.QS = _eigenbasis(S[i], space.dtype)
         A[i] = S[i] = None  # factors freed as their eigenbases arrive (half the peak)
         b.lam = torch.zeros(b.d_out, b.k, dtype=f64)
     n_all = 0
