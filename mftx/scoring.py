@@ -322,6 +322,8 @@ def score_with_config(
     stats["seconds"] = time.perf_counter() - t0
     stats["analysed"] = space.summary()
     config = asdict(cfg)
+    if isinstance(cfg.spectrum, spectra.Spectrum):  # in stats["spectrum"]; the config names it
+        config["spectrum"] = "recorded"
     config["n_train_batches"] = len(train_b)
     config["n_val_batches"] = len(val_b)
     config["loss_fn"] = _name(loss_fn)
@@ -687,6 +689,8 @@ def _score_sets(model, train, val: Mapping, cfg: ScoreConfig, params, loss_fn) -
         stats = {**own, **common, "solver": res.stats(), "seconds": seconds,
                  "analysed": space.summary()}  # fmt: skip
         config = asdict(cfg)
+        if isinstance(cfg.spectrum, spectra.Spectrum):
+            config["spectrum"] = "recorded"
         config.update({"n_train_batches": len(train_b), "n_val_batches": len(v),
                        "loss_fn": _name(loss_fn),
                        "batch_size_fn": None if cfg.batch_size_fn is None else _name(cfg.batch_size_fn)})  # fmt: skip

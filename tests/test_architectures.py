@@ -219,10 +219,9 @@ def test_influence_matches_a_dense_float64_solve(problem, curvature, solver):
     got = mftx.score(model, train, val, method="influence", params=space, curvature=curvature,
                      solver=solver, damping=damping, tol=1e-12, max_iter=300,
                      progress=False)  # fmt: skip
-    if solver == "cg":
-        assert got.stats["solver"]["converged"]
-    else:  # MINRES reports the residual recomputed from s: rounding keeps it above 1e-12
-        assert got.stats["solver"]["relative_residual"] < 1e-7
+    # CG and MINRES report the residual recomputed from s: rounding can keep it above 1e-12
+    # (then `converged` is withdrawn, honestly), well below what the comparison needs.
+    assert got.stats["solver"]["relative_residual"] < 1e-7
     assert rel(space.flatten([got.scores[n] for n in space.names]), want) < LOOSE.get(family, 1e-8)
 
 
