@@ -285,7 +285,7 @@ def job_ekfac(rep: Report, model, train, val, space, dtype, timer: Timer, tight:
             per_sample_gradient_dtype=prec,
             lambda_dtype=prec,
             eigendecomposition_dtype=f64,
-        )  # fmt: skip
+        )
         for fisher in ekfac.FISHERS
     }
 
@@ -425,6 +425,8 @@ def job_solvers(rep: Report, model, train, val, space, dtype, timer: Timer, tigh
         }  # fmt: skip
         solve = solvers.cg if kind == "cg" else solvers.minres
         kw = {"on_negative_curvature": "stop"} if kind == "cg" else {}
+        if _accepts(solve, "true_residual"):  # per iteration: no final check (scipy has none)
+            kw["true_residual"] = False
         results = {}
         for label, op in ops.items():
             results[label] = solve(op.matvec, g_val, lam, tol=0.0, max_iter=iters, **kw)
@@ -441,8 +443,8 @@ def job_solvers(rep: Report, model, train, val, space, dtype, timer: Timer, tigh
         for label, op in ops.items():
             op.n_matvec = 0
             t_o, t_p = timer.pair(
-                lambda op=op: solve(op.matvec, g_val, lam, tol=0.0, max_iter=iters, **kw),
-                lambda: _scipy_solve(kind, peer, g_val, iters),
+                lambda op=op: solve(op.matvec, g_val, lam, tol=0.0, max_iter=iters, **kw),  # noqa: B023
+                lambda: _scipy_solve(kind, peer, g_val, iters),  # noqa: B023
             )
             n_o = op.n_matvec / max(timer.rounds, 1)
             rep.time("solvers", f"{name}, mftx {label}", _per(t_o, iters), _per(t_p, iters),
@@ -468,8 +470,8 @@ def job_solvers(rep: Report, model, train, val, space, dtype, timer: Timer, tigh
                       "solve against 3 separate solves, worst x", worst,
                       1e-8 if tight else 1e-3)  # fmt: skip
             t_o, t_p = timer.pair(
-                lambda: solve(op.matvec, rhs, lam, tol=0.0, max_iter=iters),
-                lambda: [solve(op.matvec, b, lam, tol=0.0, max_iter=iters) for b in rhs],
+                lambda: solve(op.matvec, rhs, lam, tol=0.0, max_iter=iters),  # noqa: B023
+                lambda: [solve(op.matvec, b, lam, tol=0.0, max_iter=iters) for b in rhs],  # noqa: B023
             )
             rep.time("solvers", f"{kind.upper()} on {curv}, {label}: 3 right-hand sides", t_o,
                      t_p, "3 solves", "mftx, 3 separate solves")  # fmt: skip
@@ -623,13 +625,17 @@ def table(runs: List[Tuple[str, Dict[str, Any]]]) -> str:
             lim = ("≤ " if a["kind"] == "max" else "≥ ") + f"{a['limit']:g}"
             out.append(f"| {a['job']} | {a['what']} | {a['value']:.3g} | {lim} |")
         if run["timing"]:
-            out += ["", "| job | work | mftx (s) | peer | peer (s) | per | mftx / peer |",
-                    "| :-- | :-- | --: | :-- | --: | :-- | --: |"]  # fmt: skip
+            out += ["", "| job | work | mftx (s) | peer | peer (s) | per | mftx / peer | "
+                    "products (mftx / peer, a run) |",
+                    "| :-- | :-- | --: | :-- | --: | :-- | --: | --: |"]  # fmt: skip
             for t in run["timing"]:
                 p = f"{t['peer_s']:.4g}" if t["peer_s"] is not None else "n/a"
                 r = f"{t['ratio']:.2f}×" if t["ratio"] is not None else "n/a"
+                mp, pp = t.get("mftx_products"), t.get("peer_products")
+                prod = f"{mp:g} / {pp:g}" if mp is not None and pp is not None else (
+                    f"{mp:g}" if mp is not None else "")  # fmt: skip
                 out.append(f"| {t['job']} | {t['what']} | {t['mftx_s']:.4g} | {t['peer']} | {p} "
-                           f"| {t['unit']} | {r} |")  # fmt: skip
+                           f"| {t['unit']} | {r} | {prod} |")  # fmt: skip
         if run["notes"]:
             out += [""] + [f"- {n}" for n in run["notes"]]
         out.append("")

@@ -220,8 +220,9 @@ def test_influence_matches_a_dense_float64_solve(problem, curvature, solver):
                      solver=solver, damping=damping, tol=1e-12, max_iter=300,
                      progress=False)  # fmt: skip
     # CG and MINRES report the residual recomputed from s: rounding can keep it above 1e-12
-    # (then `converged` is withdrawn, honestly), well below what the comparison needs.
-    assert got.stats["solver"]["relative_residual"] < 1e-7
+    # (then `converged` is withdrawn, honestly), well below what the comparison needs (LOOSE:
+    # rounding in these families' products leaves the true residual near 1e-7).
+    assert got.stats["solver"]["relative_residual"] < max(1e-7, LOOSE.get(family, 0.0))
     assert rel(space.flatten([got.scores[n] for n in space.names]), want) < LOOSE.get(family, 1e-8)
 
 

@@ -234,7 +234,9 @@ def test_ekfac_float32_eigenbases_stay_within_float32_tolerance(monkeypatch):
     obj = mftx.Objective(lambda m, b: m(b["x"]),
                          lambda z, b: torch.nn.functional.cross_entropy(z, b["labels"]),
                          requires=("labels",))  # fmt: skip
-    batches = [{"x": torch.randn(200, 300), "labels": torch.randint(0, 3, (200,))} for _ in range(3)]
+    batches = [
+        {"x": torch.randn(200, 300), "labels": torch.randint(0, 3, (200,))} for _ in range(3)
+    ]
     space = mftx.select_params(model, structural=False)
     g = torch.randn(space.numel, generator=torch.Generator().manual_seed(3))
     calls = []
