@@ -158,6 +158,8 @@ def test_batched_products_equal_one_product_per_row(bert, curvature, mode, cache
     assert rel(many, one) < 1e-12
     with pytest.raises(ValueError, match=r"expected \(k, "):
         op.matvec(V[:, :-1])
+    ref = mftx.Curvature(model, space, train, mftx.HFClassification(), curvature=curvature)
+    assert rel(many, torch.stack([ref.matvec(v) for v in V])) < 1e-12  # every mode, one answer
 
 
 def test_score_with_several_validation_sets_equals_separate_scores(bert):

@@ -352,13 +352,18 @@ class Curvature:
 
     # ------------------------------------------------------------------ products
     def _build_graph(self, i: int, params: Params) -> Tuple[Params, Tuple[torch.Tensor, ...]]:
-        """Leaves and the first-order graph's outputs for batch i (gradient or outputs)."""
+        """Leaves and the first-order graph's outputs for batch i: the gradient (Hessian);
+        for the GGN the outputs z, a dummy u and Jᵀu with its graph (linear in u: a backward
+        pass through it gives J v for any v, so each product needs two passes, no forward)."""
         with torch.enable_grad():
             leaves = tuple(p.detach().requires_grad_() for p in params)
             if self.curvature == "hessian":
                 loss = self._fn.loss(leaves, self.batches[i])
                 return leaves, torch.autograd.grad(loss, leaves, create_graph=True)
-            return leaves, (self._fn.outputs(leaves, self.batches[i]),)
+            z = self._fn.outputs(leaves, self.batches[i])
+            u = torch.zeros_like(z, requires_grad=True)
+            jtu = torch.autograd.grad(z, leaves, grad_outputs=u, create_graph=True)
+            return leaves, (z, u, *jtu)
 
     def _decide_caching(self, i: int, params: Params) -> None:
         """cache_graphs="auto": build batch i's graph, measure it, keep graphs if all fit."""
@@ -402,11 +407,9 @@ class Curvature:
         leaves, g = self._graphs[i]
         if self.curvature == "hessian":
             return torch.autograd.grad(g, leaves, grad_outputs=v, retain_graph=True)
-        (z,) = g
-        u = torch.zeros_like(z, requires_grad=True)
+        z, u, jtu = g[0], g[1], g[2:]
         with torch.enable_grad():
-            jtu = torch.autograd.grad(z, leaves, grad_outputs=u, create_graph=True)
-            (jv,) = torch.autograd.grad(jtu, u, grad_outputs=v)
+            (jv,) = torch.autograd.grad(jtu, u, grad_outputs=v, retain_graph=True)
             loss_z = lambda zz: self._fn.loss_on_outputs(zz, self.batches[i])  # noqa: E731
             zl = z.detach().requires_grad_()
             (gz,) = torch.autograd.grad(loss_z(zl), zl, create_graph=True)
