@@ -264,7 +264,7 @@ def spectrum(
     hvp_batches: Optional[int] = None,
     seed: int = 0,
     progress: bool = True,
-    cache_graphs: Union[bool, str] = False,
+    cache_graphs: Union[bool, str] = "auto",
     **lanczos: Any,
 ) -> Spectrum:
     """Estimate the spectrum of the training loss's curvature over the analysed parameters.
@@ -274,8 +274,10 @@ def spectrum(
     `select_params(model)`, `loss_fn` to the model's classification loss;
     `curvature` is "hessian" or "ggn"; `hvp_mode`/`backend` as in `mftx.score`
     (eager or "compile"); `cache_graphs` as in `mftx.Curvature` (True needs
-    ``hvp_mode="double-backward"``; "auto" keeps each batch's first-order graph
-    when they fit in memory: a product then costs one backward pass through it).
+    ``hvp_mode="double-backward"``; "auto", the default on the eager backend, keeps
+    each batch's first-order graph when the graphs of all batches fit in half the
+    free memory: a product then costs one backward pass through it, not a forward
+    and two backward passes).
     The model is evaluated in eval mode and left in its mode. Further keywords are `estimate`'s Lanczos settings (``steps``,
     ``tol``, ``probes``, ``probe_steps``, ``trace``, ``trace_products``); see
     `Spectrum` for the result.
@@ -299,7 +301,8 @@ def spectrum(
     op = None
     try:
         op = Curvature(model, space, batches, loss_fn, curvature=curvature, mode=hvp_mode,
-                       backend=backend, cache_graphs=cache_graphs)  # fmt: skip
+                       backend=backend,
+                       cache_graphs=False if backend != "eager" and cache_graphs == "auto" else cache_graphs)  # fmt: skip
         like = space.flatten(space.detached())
         return estimate(
             op.matvec, like, seed=seed, progress=progress, **lanczos,
