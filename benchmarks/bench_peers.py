@@ -57,7 +57,7 @@ import mftx.models
 from mftx.curvature import spectra
 from mftx.inverse import ekfac, solvers
 
-JOBS = ("ekfac", "solvers", "spectrum")
+JOBS = ("ekfac", "solvers", "spectrum", "ablation")
 
 
 # ---------------------------------------------------------------------------- setup
@@ -587,6 +587,71 @@ def job_spectrum(rep: Report, model, train, val, space, dtype, timer: Timer, tig
             p.requires_grad_(True)
 
 
+# ---------------------------------------------------------------------------- ablation
+
+
+def job_ablation(rep: Report, model, train, val, space, dtype, timer: Timer):
+    """What single changes bought, each against the path it replaced (mftx only)."""
+    from mftx.curvature import lanczos as lz
+
+    obj = mftx.HFClassification()
+    if hasattr(ekfac, "_eigenbasis"):
+        real = ekfac._eigenbasis
+
+        def fit64():
+            ekfac._eigenbasis = lambda f, dt: torch.linalg.eigh(f)[1]
+            try:
+                return ekfac.fit(model, space, train, obj, fisher="sampled", seed=0)
+            finally:
+                ekfac._eigenbasis = real
+
+        g, _ = mftx.Curvature(model, space, val, obj).gradient(val)
+        a = ekfac.fit(model, space, train, obj, fisher="sampled", seed=0)
+        b = fit64()
+        lam = 0.1 * float(b.eigenvalues().mean())
+        rep.agree("ablation", "EK-FAC: float32 against float64 eigenbases, preconditioned "
+                  "gradient (relative)", rel(a.solve(g, lam), b.solve(g, lam)), 1e-3)  # fmt: skip
+        t_o, t_p = timer.pair(
+            lambda: ekfac.fit(model, space, train, obj, fisher="sampled", seed=0), fit64
+        )
+        rep.time("ablation", "EK-FAC fit: eigenbases of large factors in float32 (a float32 "
+                 "model) against float64", t_o, t_p, "fit", "mftx, float64 eigh")  # fmt: skip
+    # One Gram-Schmidt pass against 30 basis vectors of the analysed size, against two.
+    n = space.numel
+    gen = torch.Generator().manual_seed(0)
+    Q = torch.linalg.qr(torch.randn(n, 30, generator=gen, dtype=dtype))[0].T.contiguous()
+    w = torch.randn(n, generator=gen, dtype=dtype)
+    chunks = [Q[:16], Q[16:]]
+    t_o, t_p = timer.pair(lambda: lz._project_out(w, chunks, 30),
+                          lambda: lz._project_out(lz._project_out(w, chunks, 30), chunks, 30))  # fmt: skip
+    rep.time("ablation", "Lanczos reorthogonalisation against 30 vectors: one pass (DGKS: the "
+             "second only when needed) against always two", t_o, t_p, "step",
+             "mftx, two passes")  # fmt: skip
+    # k = 3 stacked products against three single products.
+    V = torch.randn(3, n, generator=gen, dtype=dtype)
+    for label, kw in (("rev-rev", {}), ("cached", {"mode": "double-backward",
+                                                    "cache_graphs": True})):  # fmt: skip
+        for curv in ("hessian", "ggn"):
+            op = mftx.Curvature(model, space, train, obj, curvature=curv, **kw)
+            op.matvec(V[0])
+            t_o, t_p = timer.pair(lambda: op.matvec(V), lambda: [op.matvec(v) for v in V])  # noqa: B023
+            rep.time("ablation", f"{curv} products, {label}: 3 stacked vectors in one product "
+                     "against 3 products", t_o, t_p, "3 products", "mftx, one at a time")  # fmt: skip
+            op.release()
+    g1, _ = mftx.Curvature(model, space, train, obj).gradient(train)
+    t_g, _ = timer.pair(lambda: mftx.Curvature(model, space, train, obj).gradient(train), None)
+    for label, kw in (("rev-rev", {}), ("cached", {"mode": "double-backward",
+                                                    "cache_graphs": True})):  # fmt: skip
+        for curv in ("hessian", "ggn"):
+            op = mftx.Curvature(model, space, train, obj, curvature=curv, **kw)
+            op.matvec(g1)
+            t_o, _ = timer.pair(lambda: op.matvec(g1), None)  # noqa: B023
+            if t_o is not None:
+                rep.note(f"{curv} product, {label}: {t_o / t_g:.2f}× a gradient of the same loss "
+                         f"and batches ({t_o:.3g} s against {t_g:.3g} s)")  # fmt: skip
+            op.release()
+
+
 # ---------------------------------------------------------------------------- table
 
 
@@ -645,6 +710,8 @@ def table(runs: List[Tuple[str, Dict[str, Any]]]) -> str:
 def _commit() -> Optional[str]:
     import subprocess
 
+    if os.environ.get("MFTX_BENCH_COMMIT"):  # a run from a snapshot outside the repository
+        return os.environ["MFTX_BENCH_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, cwd=Path(__file__).parent, check=True).stdout.strip()  # fmt: skip
@@ -721,6 +788,8 @@ def main(argv=None) -> int:
         job_solvers(rep, model, train, val, space, dtype, timer, tiny, iters, lam_pd)
     if "spectrum" in jobs:
         job_spectrum(rep, model, train, val, space, dtype, timer, tiny, oracle=tiny)
+    if "ablation" in jobs:
+        job_ablation(rep, model, train, val, space, dtype, timer)
     if args.json:
         args.json.write_text(json.dumps(rep.to_json(), indent=1))
     print("agreement:", "ok" if rep.ok else "MISMATCH", flush=True)

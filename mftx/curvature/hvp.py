@@ -441,6 +441,23 @@ class Curvature:
             return torch.autograd.grad(
                 g, leaves, grad_outputs=V, retain_graph=self.caching, is_grads_batched=True
             )
+        if self.curvature == "ggn" and self.caching:
+            if i not in self._graphs:
+                self._graphs[i] = self._build_graph(i, params)
+            leaves, g = self._graphs[i]
+            z, u, jtu = g[0], g[1], g[2:]
+            with torch.enable_grad():
+                (jv,) = torch.autograd.grad(
+                    jtu, u, grad_outputs=V, retain_graph=True, is_grads_batched=True
+                )
+                zl = z.detach().requires_grad_()
+                (gz,) = torch.autograd.grad(
+                    self._fn.loss_on_outputs(zl, batch), zl, create_graph=True
+                )
+                (hjv,) = torch.autograd.grad(gz, zl, grad_outputs=jv, is_grads_batched=True)
+            return torch.autograd.grad(
+                z, leaves, grad_outputs=hjv, retain_graph=True, is_grads_batched=True
+            )
         if self.backend == "eager" and not self.caching and self.mode == "rev-rev":
             fn = self._fn
             if self.curvature == "hessian":
