@@ -257,3 +257,24 @@ def test_ekfac_float32_eigenbases_stay_within_float32_tolerance(monkeypatch):
     lam = 0.01 * float(slow.eigenvalues().max())
     assert rel(fast.solve(g, lam), slow.solve(g, lam)) < 1e-4
     assert rel(fast.eigenvalues(), slow.eigenvalues()) < 1e-4
+
+
+def test_analyze_hands_the_spectrum_stage_to_auto_damping_only_when_it_is_the_same_run():
+    from dataclasses import replace
+
+    from mftx.study.analysis import _with_spectrum
+
+    spec = spectra.Spectrum(
+        n=10, lambda_min=-1.0, lambda_max=4.0, lambda_min_error=1e-4, lambda_max_error=1e-4,
+        ritz_values=[-1.0, 0.5, 4.0], ritz_errors=[1e-4, 1.0, 1e-4], trace=3.0, trace_std=None,
+        trace_method="x", nodes=[], weights=[], n_matvec=3, seconds=0.1,
+        info={"seed": 0, "tol": 1e-3, "curvature": "hessian"},
+    )  # fmt: skip
+    cfg = mftx.ScoreConfig(method="influence", solver="minres", damping="auto")
+    assert _with_spectrum(cfg, {"hessian": spec}).spectrum is spec
+    assert _with_spectrum(cfg, {"ggn": spec}).spectrum is None  # another curvature
+    assert _with_spectrum(replace(cfg, damping=0.1), {"hessian": spec}).spectrum is None
+    assert _with_spectrum(replace(cfg, seed=1), {"hessian": spec}).spectrum is None
+    assert _with_spectrum(replace(cfg, lanczos_steps=2), {"hessian": spec}).spectrum is None
+    loose = replace(spec, lambda_min_error=0.5)  # not converged to the solve's tolerance
+    assert _with_spectrum(cfg, {"hessian": loose}).spectrum is None
