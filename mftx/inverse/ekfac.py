@@ -225,9 +225,11 @@ class EKFAC:
 
 
 def _eigenbasis(factor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The eigenvectors (float64) of a float64 factor, decomposed in `dtype`: a float32 model's
-    factors in float32 (half the time of float64; the corrected eigenvalues Λ are measured in
-    whatever basis this gives, so its rounding moves the answer at the float32 level only)."""
+    """The eigenvectors (float64) of a float64 factor, decomposed in `dtype` (factors under
+    256 rows always in float64). float32 takes about half the time, but its eigenvectors of
+    the small eigenvalues are rounded at 1e-7 of the largest: the corrected Λ measured in
+    that basis differ, and at small damping the preconditioned gradient moves by percents
+    (2.3e-2 on all-MiniLM-L6-v2 at kronfluence's 0.1 × mean Λ, benchmarks/bench_peers.py)."""
     if dtype == torch.float64 or factor.shape[0] < 256:
         return torch.linalg.eigh(factor)[1]
     scale = factor.diagonal().abs().max().clamp_min(torch.finfo(torch.float64).tiny)
@@ -242,8 +244,12 @@ def fit(
     fisher: str = "sampled",
     seed: int = 0,
     progress: bool = False,
+    eigh_dtype: torch.dtype = torch.float64,
 ) -> EKFAC:
-    """Fit EK-FAC over `batches`: one pass for A and S, one for the corrected eigenvalues."""
+    """Fit EK-FAC over `batches`: one pass for A and S, one for the corrected eigenvalues.
+
+    `eigh_dtype`: the precision of the factors' eigendecompositions (float32: about half the
+    time, a different eigenbasis for the small eigenvalues; see `_eigenbasis`)."""
     if fisher not in FISHERS:
         raise ValueError(f"fisher must be one of {FISHERS}, got {fisher!r}")
     t0 = time.perf_counter()
@@ -261,8 +267,8 @@ def fit(
             d2 = d.reshape(-1, d.shape[-1])
             S[i] += (d2.T @ d2).to(f64).cpu()
     for i, b in enumerate(blocks):  # eigenbases are scale-free: no normalisation needed
-        b.QA = _eigenbasis(A[i], space.dtype)
-        b.QS = _eigenbasis(S[i], space.dtype)
+        b.QA = _eigenbasis(A[i], eigh_dtype)
+        b.QS = _eigenbasis(S[i], eigh_dtype)
         A[i] = S[i] = None  # factors freed as their eigenbases arrive (half the peak)
         b.lam = torch.zeros(b.d_out, b.k, dtype=f64)
     n_all = 0
