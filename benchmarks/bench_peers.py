@@ -2,7 +2,11 @@
 
     python benchmarks/bench_peers.py --model minilm --json peers-minilm.json
     python benchmarks/bench_peers.py --model tiny --check-only          # CI: agreement only
-    python benchmarks/bench_peers.py --table before.json after.json --out docs/benchmarks-peers.md
+    python benchmarks/bench_peers.py --table before=b1.json before=b2.json after=a1.json \
+        --out docs/benchmarks-peers.md          # the page: ratios side by side per label
+
+docs/benchmarks-peers.md is generated this way from benchmarks/results/*.json (the
+"before" runs: main at 417fc14, run from a snapshot of its mftx/ with this script).
 
 Each job runs both sides on the same model, batches, analysed parameters, loss and
 damping: first their answers are compared (a mismatch beyond the job's tolerance
