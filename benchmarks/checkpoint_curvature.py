@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 import mftx
-from mftx.curvature import hvp, spectra
+from mftx.core import dist
+from mftx.curvature import spectra
 from mftx.data import load_sst2, make_batches
 from mftx.evaluate import length_sorted
 from mftx.inverse import solvers
@@ -40,7 +41,7 @@ def _batches(ckpt: Path, data: str, train_size: int, hvp_batches: int):
     seed = int(read_metadata(ckpt).get("seed", 0))
     ds = load_sst2(data, train_size, seed, tokenizer=tok, max_length=64)
     train = ds.train_batches(16, shuffle=True, seed=seed)
-    idx = hvp.sample_indices(len(train), hvp_batches, 0)
+    idx = dist.sample_indices(len(train), hvp_batches, 0)
     dev = make_batches(length_sorted(ds.dev, tok), tok, 64, max_length=64)
     return model.eval(), [train[i] for i in idx], dev
 

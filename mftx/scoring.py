@@ -126,6 +126,11 @@ class ScoreConfig:
     fisher: str = help_field(
         "solver='ekfac': sampled (labels from the model) | empirical", "sampled"
     )
+    spectrum: Optional[Union[str, Path, spectra.Spectrum]] = help_field(  # noqa: RUF009
+        "damping='auto': λ from this recorded spectrum (an mftx.Spectrum or its JSON file, of "
+        "the same curvature, parameters and HVP batches) instead of a Lanczos run: no products",
+        None,
+    )
     probes: int = help_field(
         "OBD: Hutchinson probes for diag(H_val); 0: exact diagonal (small spaces)", 16
     )
@@ -287,6 +292,10 @@ def score(
     (`Scores.summary()` says what was computed in one line); for ``influence``,
     ``stats["damping"]`` is the λ used (a float, also when ``damping="auto"``
     chose it) and ``stats["spectrum"]`` the spectrum estimate when one was made.
+    `val` may also be a dict of several validation sets (name -> iterable of
+    batches): then a dict of `Scores` by name, the CG / MINRES influence solves
+    sharing one curvature product per iteration (each answer that of its own
+    solve; other methods and solvers score the sets one after another).
 
     ``method="influence"`` defaults to ``solver="ekfac"`` (see `DEFAULT_SOLVER`);
     ``solver="minres"`` (with the default ``damping=0.01``) is the reference formula
@@ -312,6 +321,8 @@ def score_with_config(
     params: Optional[ParamSpace] = None,
     loss_fn: Optional[Callable] = None,
 ) -> Scores:
+    if _several(val):
+        return _score_sets(model, train, val, cfg, params, loss_fn)
     cfg.validate()
     backend = get_backend(cfg.backend)
     on = dist.active(cfg.distributed)
@@ -360,6 +371,8 @@ def score_with_config(
     stats["seconds"] = time.perf_counter() - t0
     stats["analysed"] = space.summary()
     config = asdict(cfg)
+    if isinstance(cfg.spectrum, spectra.Spectrum):  # in stats["spectrum"]; the config names it
+        config["spectrum"] = "recorded"
     config["n_train_batches"] = int(sum(dist.counts(len(train_b), on)))  # the union's
     config["n_val_batches"] = int(sum(dist.counts(len(val_b), on)))
     config["loss_fn"] = _name(loss_fn)
@@ -459,6 +472,12 @@ def _spectral_damping(op: Curvature, cfg: ScoreConfig, stats: dict) -> float:
     """The numeric damping, or for "auto" the rule applied to a Lanczos estimate."""
     if cfg.damping != "auto":
         return float(cfg.damping)
+    if cfg.spectrum is not None:
+        spec = _recorded_spectrum(cfg, op)
+        stats["spectrum"] = spec.to_json()
+        stats["spectrum_recorded"] = True
+        log.info("damping='auto' from the recorded spectrum: %s", spec.summary())
+        return spec.auto_damping()
     like = op.space.flatten(op.space.detached())
     spec = spectra.estimate(
         op.matvec, like, steps=cfg.lanczos_steps, tol=cfg.lanczos_tol, probes=1,
@@ -639,3 +658,126 @@ def exact_diagonal(op: Curvature, progress: bool = False) -> torch.Tensor:
 
 def _progress(batches, cfg: ScoreConfig, desc: str):
     return tqdm(batches, desc=desc, disable=not cfg.progress, leave=False)
+
+
+# ---------------------------------------------------------------- several validation sets
+
+
+def _several(val: Any) -> bool:
+    """Whether `val` is a dict of validation sets (name -> batches), not one batch."""
+    return (
+        isinstance(val, Mapping)
+        and len(val) > 0
+        and all(
+            not isinstance(v, (torch.Tensor, Mapping, str, bytes)) and hasattr(v, "__iter__")
+            for v in val.values()
+        )
+    )
+
+
+def _recorded_spectrum(cfg: ScoreConfig, op: Curvature) -> spectra.Spectrum:
+    """`cfg.spectrum` loaded and checked against the system it is to damp."""
+    spec = cfg.spectrum
+    if not isinstance(spec, spectra.Spectrum):
+        spec = spectra.Spectrum.load(spec)
+    n = op.space.numel
+    if spec.n != n:
+        raise ValueError(f"the recorded spectrum is of {spec.n:,} parameters, the system {n:,}")
+    info = spec.info or {}
+    got = info.get("curvature")
+    if got is not None and got != cfg.curvature:
+        raise ValueError(
+            f"the recorded spectrum is of the {got}, the system of the {cfg.curvature}"
+        )
+    used, here = info.get("hvp_batches"), int(sum(dist.counts(len(op.batches), op.distributed)))
+    if used is not None and used != here:
+        raise ValueError(f"the recorded spectrum used {used} training batches, this solve {here}")
+    return spec
+
+
+def _score_sets(model, train, val: Mapping, cfg: ScoreConfig, params, loss_fn) -> dict:
+    """`score` with several validation sets: {name: Scores}."""
+    cfg.validate()
+    names = list(val)
+    train_b = _materialise(train, "train", _needs(cfg.method)[0])
+    sets = [_materialise(val[k], f"val[{k!r}]", True) for k in names]
+    shared = (
+        cfg.method == "influence"
+        and cfg.solver in ("cg", "minres")
+        and not cfg.fixed_iterations
+        and cfg.backend in ("eager", "compile")
+        and len(names) > 1
+        and not dist.active(cfg.distributed)
+    )
+    if not shared:  # one after another (data-parallel runs too: each set as score() does)
+        return {
+            k: score_with_config(model, train_b, v, cfg, params=params, loss_fn=loss_fn)
+            for k, v in zip(names, sets)
+        }
+    backend = get_backend(cfg.backend)
+    flat = [b for v in sets for b in v]
+    model, train_b, flat, params, cfg = backend.prepare(model, train_b, flat, params, cfg)
+    bounds = [0]
+    for v in sets:
+        bounds.append(bounds[-1] + len(v))
+    sets = [flat[a:b] for a, b in zip(bounds, bounds[1:])]
+    space = params if params is not None else select_params(model)
+    frozen = [n for n, p in space if not p.requires_grad]
+    if frozen:
+        raise ValueError(f"analysed parameter(s) without grad (requires_grad=False): {frozen[:5]}")
+    loss_fn = loss_fn if loss_fn is not None else default_loss(model)
+    check_batches(loss_fn, train_b, "train")
+    size = resolve_batch_size(loss_fn, cfg.batch_size_fn)
+    batch_weights(size, train_b, "train")
+    for k, v in zip(names, sets):
+        check_batches(loss_fn, v, f"val[{k!r}]")
+        batch_weights(size, v, f"val[{k!r}]")
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    try:
+        grads, common = [], {}
+        per_set = []
+        for k, v in zip(names, sets):
+            val_op = _curvature(model, space, v, loss_fn, cfg, "val")
+            g, loss = val_op.gradient(_progress(v, cfg, f"val gradient {k}"), "validation loss")
+            grads.append(g)
+            per_set.append({"val_loss": loss, "val_grad_norm": float(g.norm())})
+        idx = dist.sample_indices(len(train_b), cfg.hvp_batches, cfg.seed)
+        share = 1.0
+        if len(idx) < len(train_b) and (cfg.num_examples or {}).get("train") is not None:
+            w = batch_weights(size, train_b)
+            share = sum(w[i] for i in idx) / sum(w)
+        op = _curvature(model, space, [train_b[i] for i in idx], loss_fn, cfg, "train", share)
+        try:
+            damping = common["damping"] = _spectral_damping(op, cfg, common)
+            solve = solvers.cg if cfg.solver == "cg" else solvers.minres
+            kw = {"on_negative_curvature": cfg.on_negative_curvature} if cfg.solver == "cg" else {}
+            results = solve(
+                op.matvec, torch.stack(grads), damping, tol=cfg.tol, max_iter=cfg.max_iter,
+                progress=cfg.progress, **kw,
+            )  # fmt: skip
+        finally:
+            op.release()
+        common.update({"hvp_batches_used": len(idx), "n_hvp": op.n_matvec,
+                       "n_batch_hvp": op.n_batch_products, "shared_solve": names})  # fmt: skip
+        if op.cache_decision is not None:
+            common["graph_cache"] = op.cache_decision
+    finally:
+        model.train(was_training)
+    seconds = time.perf_counter() - t0
+    out = {}
+    theta = space.detached()
+    for k, v, res, own in zip(names, sets, results, per_set):
+        tensors = [(-(si * p)).detach().cpu() for si, p in zip(space.unflatten(res.x), theta)]
+        stats = {**own, **common, "solver": res.stats(), "seconds": seconds,
+                 "analysed": space.summary()}  # fmt: skip
+        config = asdict(cfg)
+        if isinstance(cfg.spectrum, spectra.Spectrum):
+            config["spectrum"] = "recorded"
+        config.update({"n_train_batches": len(train_b), "n_val_batches": len(v),
+                       "loss_fn": _name(loss_fn),
+                       "batch_size_fn": None if cfg.batch_size_fn is None else _name(cfg.batch_size_fn)})  # fmt: skip
+        out[k] = Scores(cfg.method, dict(zip(space.names, tensors)), config=config, stats=stats)
+        _check_converged(out[k], cfg)
+    return out

@@ -56,6 +56,12 @@ def test_split_scores_and_sweeps_are_recorded_per_half(heldout_run):
             assert rec["settings"]["rows"]["half"] == h
             assert (ck / f"scores-{m}@{h}.safetensors").is_file()
     assert not (ck / "scores-gradient@A.json").exists()
+    # The influence method's three systems (all rows, fold A, fold B) were one solve: one
+    # curvature product per iteration for the three (tests/test_multi_rhs.py: each answer
+    # equals its own solve).
+    for h in ("", "@A", "@B"):
+        st = mftx.Scores.load(ck / f"scores-influence{h}.safetensors").stats
+        assert st["shared_solve"] == ["all", "A", "B"]
     taylor = protocol.Heldout.from_json(
         mftx.fileio.Reader(_json(ck / "heldout-taylor.json")["result"], "x")
     )

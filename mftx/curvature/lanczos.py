@@ -3,8 +3,8 @@
 `lanczos(matvec, start, max_steps)` builds an orthonormal basis Q of the Krylov
 space of a symmetric operator A and the tridiagonal T = Qᵀ A Q, one product per
 step. The basis is kept and every new vector is reorthogonalised against all
-previous ones (twice, classical Gram–Schmidt), so Ritz values do not repeat as
-spurious copies; the recurrence coefficients α, β and everything computed from
+previous ones (classical Gram–Schmidt, a second pass when the first one removed
+much of it), so Ritz values do not repeat as spurious copies; the recurrence coefficients α, β and everything computed from
 T are float64 whatever the operator's dtype. The start vector is the caller's
 (seeded Rademacher in `rademacher`).
 
@@ -128,6 +128,16 @@ def _project_out(w: torch.Tensor, chunks: List[torch.Tensor], rows: int) -> torc
     return w
 
 
+def _norm64(w: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(w, dtype=torch.float64))
+
+
+#: A second Gram–Schmidt pass runs when the first one removed more than this share of w's
+#: norm (Daniel, Gragg, Kaufman & Stewart 1976: otherwise one pass has made w orthogonal
+#: to the basis to working precision).
+_DGKS = 2**-0.5
+
+
 def lanczos(
     matvec: MatVec,
     start: torch.Tensor,
@@ -136,12 +146,19 @@ def lanczos(
     wanted: Wanted = extremes,
     progress: bool = False,
     desc: str = "lanczos",
+    reorthogonalize: bool = True,
 ) -> LanczosRun:
     """Up to `max_steps` Lanczos steps on `matvec` from `start`, fully reorthogonalised.
 
     Stops early when every wanted Ritz value (``wanted(θ)``) has an error bound
     <= tol · max|θ| (tol = 0: never early), or when the Krylov space is invariant
     (β below rounding: the Ritz values are then eigenvalues of A).
+
+    Each new vector is orthogonalised against the whole basis by classical
+    Gram–Schmidt, a second time only when the first pass removed more than
+    1 − 1/√2 of its norm (the DGKS criterion). ``reorthogonalize=False`` keeps no
+    basis (plain three-term recurrence, no Ritz vectors): enough for quadrature
+    (the nodes and weights of stochastic Lanczos quadrature) and the trace.
     """
     if max_steps < 1:
         raise ValueError(f"Lanczos needs at least one step, got {max_steps}")
@@ -161,9 +178,10 @@ def lanczos(
     reason, converged = f"{max_steps} steps", False
     bar = tqdm(range(max_steps), desc=desc, disable=not progress, leave=False)
     for j in bar:
-        if j % rows == 0:
-            chunks.append(torch.empty(rows, n, dtype=start.dtype, device=start.device))
-        chunks[-1][j % rows] = q
+        if reorthogonalize:
+            if j % rows == 0:
+                chunks.append(torch.empty(rows, n, dtype=start.dtype, device=start.device))
+            chunks[-1][j % rows] = q
         w = matvec(q)
         a = float(torch.dot(q.to(torch.float64), w.to(torch.float64)))
         if a != a or abs(a) == float("inf"):
@@ -171,9 +189,15 @@ def lanczos(
         w = w - a * q
         if q_prev is not None:
             w = w - betas[-1] * q_prev
-        for _ in range(2):  # twice is enough (Giraud et al. 2005)
+        if reorthogonalize:
+            before = _norm64(w)
             w = _project_out(w, chunks, j + 1)
-        b = float(torch.linalg.vector_norm(w.to(torch.float64)))
+            b = _norm64(w)
+            if b < _DGKS * before:  # twice is enough (Giraud et al. 2005)
+                w = _project_out(w, chunks, j + 1)
+                b = _norm64(w)
+        else:
+            b = _norm64(w)
         alphas.append(a)
         betas.append(b)
         theta, _, bounds = _ritz(

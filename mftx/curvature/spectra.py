@@ -7,7 +7,7 @@ quadrature (Golub & Meurant; Ubaru, Chen & Saad 2017): a run from a random unit
 vector q gives nodes θ_j (Ritz values) and weights τ_j = (first component of
 the j-th eigenvector of T)², and Σ_j τ_j f(θ_j) estimates qᵀ f(A) q =
 (1/n) tr f(A) in expectation; averaged over `probes` runs (the first is the run
-above). The trace is estimated from the same probes (Hutchinson: with a
+above; the others keep no basis: quadrature needs only T). The trace is estimated from the same probes (Hutchinson: with a
 Rademacher start z, n·α_1 = zᵀAz, no extra products) or, with
 ``trace="hutch++"``, by Hutch++ (Meyer et al. 2021) with its own products.
 
@@ -213,7 +213,7 @@ def estimate(
         run = lanczos(
             matvec, rademacher(n, seed + p, like), steps if p == 0 else probe_steps,
             tol=tol if p == 0 else 0.0, wanted=extremes, progress=progress,
-            desc=f"lanczos probe {p + 1}/{probes}",
+            desc=f"lanczos probe {p + 1}/{probes}", reorthogonalize=p == 0,
         )  # fmt: skip
         run.chunks = []  # the basis is not needed any more
         runs.append(run)
@@ -265,6 +265,7 @@ def spectrum(
     seed: int = 0,
     progress: bool = True,
     distributed: Optional[bool] = None,
+    cache_graphs: Union[bool, str] = "auto",
     **lanczos: Any,
 ) -> Spectrum:
     """Estimate the spectrum of the training loss's curvature over the analysed parameters.
@@ -273,8 +274,12 @@ def spectrum(
     draws that many of them with `seed` (None: all). `params` defaults to
     `select_params(model)`, `loss_fn` to the model's classification loss;
     `curvature` is "hessian" or "ggn"; `hvp_mode`/`backend` as in `mftx.score`
-    (eager or "compile"). The model is evaluated in eval mode and left in its
-    mode. Further keywords are `estimate`'s Lanczos settings (``steps``,
+    (eager or "compile"); `cache_graphs` as in `mftx.Curvature` (True needs
+    ``hvp_mode="double-backward"``; "auto", the default on the eager backend, keeps
+    each batch's first-order graph when the graphs of all batches fit in half the
+    free memory: a product then costs one backward pass through it, not a forward
+    and two backward passes).
+    The model is evaluated in eval mode and left in its mode. Further keywords are `estimate`'s Lanczos settings (``steps``,
     ``tol``, ``probes``, ``probe_steps``, ``trace``, ``trace_products``); see
     `Spectrum` for the result. `distributed` (None: when torch.distributed is
     initialised): `train` is this rank's shard, products are summed over ranks
@@ -292,22 +297,28 @@ def spectrum(
     if sum(dist.counts(len(batches), on)) == 0:
         raise ValueError("train is empty: the spectrum needs at least one batch")
     idx, n_drawn = dist.sample_local(len(batches), hvp_batches, seed, on)
+    _, total = dist.global_range(len(batches), on)
     batches = [batches[i] for i in idx]
     space = params if params is not None else select_params(model)
     loss_fn = loss_fn if loss_fn is not None else default_loss(model)
     check_batches(loss_fn, batches, "train")
     was_training = model.training
     model.eval()
+    op = None
     try:
         op = Curvature(model, space, batches, loss_fn, curvature=curvature, mode=hvp_mode,
-                       backend=backend, distributed=on)  # fmt: skip
+                       backend=backend, distributed=on,
+                       cache_graphs=False if backend != "eager" and cache_graphs == "auto" else cache_graphs)  # fmt: skip
         like = space.flatten(space.detached())
         return estimate(
             op.matvec, like, seed=seed, progress=progress, **lanczos,
             info={"curvature": curvature, "hvp_batches": n_drawn, "hvp_mode": hvp_mode,
-                  "dtype": str(like.dtype).replace("torch.", "")},
+                  "dtype": str(like.dtype).replace("torch.", ""),
+                  "batch_indices": list(dist.sample_indices(total, hvp_batches, seed))},
         )  # fmt: skip
     finally:
+        if op is not None:
+            op.release()
         model.train(was_training)
 
 

@@ -56,12 +56,17 @@ class SolveResult:
     negative_curvature: bool = False
     #: (iteration, pᵀ(A + λI)p) of the first non-positive step, if any.
     first_negative: Optional[Tuple[int, float]] = None
-    #: ‖b − (A + λI)x‖ / ‖b‖ recomputed from x (one more product), where a solver checks it.
+    #: ‖b − (A + λI)x‖ / ‖b‖ recomputed from x (one more product): `cg` and `minres` (unless
+    #: asked not to). `residuals` are the recurrence's own values per iteration (CG's ‖r_k‖, MINRES'
+    #: |φ̄_k|, over ‖b‖), which rounding can take below the true one.
     true_residual: Optional[float] = None
 
     @property
     def relative_residual(self) -> Optional[float]:
-        """The last residual; None where a solver has none (EK-FAC solves its own system)."""
+        """The true relative residual where it was recomputed, else the last of `residuals`;
+        None where a solver has none (EK-FAC solves its own system)."""
+        if self.true_residual is not None:
+            return self.true_residual
         return self.residuals[-1] if self.residuals else None
 
     def stats(self) -> dict:
@@ -116,6 +121,118 @@ def _norm(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x)
 
 
+def _check_rhs(b: torch.Tensor, fixed_iterations: bool, what: str) -> None:
+    if b.dim() not in (1, 2):
+        raise ValueError(
+            f"{what}: b must be a flat vector or a (k, n) matrix of k right-hand sides, "
+            f"got shape {tuple(b.shape)}"
+        )
+    if b.dim() == 2 and fixed_iterations:
+        raise ValueError(
+            f"{what}: several right-hand sides need fixed_iterations=False (the fixed-iteration "
+            "loop takes one)"
+        )
+
+
+def _lockstep(
+    states: list, matvec: MatVec, damping: float, progress: bool, desc: str, max_iter: int
+) -> int:
+    """Steps every unfinished solve of `states` together: one product of the stacked vectors
+    of those still running per iteration (a (k, n) matrix: `matvec` takes rows). Returns the
+    number of products."""
+    n_mv = 0
+    bar = tqdm(range(max_iter), desc=desc, disable=not progress, leave=False)
+    for _ in bar:
+        live = [s for s in states if not s.done]
+        if not live:
+            break
+        V = torch.stack([s.vector() for s in live])
+        AV = matvec(V)
+        if damping:
+            AV = AV + damping * V
+        n_mv += 1
+        for s, av in zip(live, AV):
+            s.step(av)
+        bar.set_postfix(running=sum(not s.done for s in states))
+    bar.close()
+    return n_mv
+
+
+def _true_residuals(A: MatVec, b: torch.Tensor, x: torch.Tensor) -> List[float]:
+    """‖b_i − A x_i‖ / ‖b_i‖ for the rows of (k, n) `b`, `x` (one stacked product)."""
+    r = torch.linalg.vector_norm(b - A(x), dim=-1).to(torch.float64)
+    bn = torch.linalg.vector_norm(b, dim=-1).to(torch.float64)
+    return (r / torch.where(bn > 0, bn, torch.ones_like(bn))).cpu().tolist()
+
+
+class _CG:
+    """The state of one CG solve; `vector()` is the next vector to multiply, `step(Ap)`
+    consumes its damped product (the arithmetic of the single-system loop)."""
+
+    def __init__(self, b: torch.Tensor, tol: float):
+        self.tol = tol
+        self.x = torch.zeros_like(b)
+        self.r = b.clone()
+        self.p = self.r.clone()
+        self.rs = torch.dot(self.r, self.r)
+        self.bn = float(torch.sqrt(self.rs))
+        self.residuals: List[float] = []
+        self.reason, self.converged, self.done = "max_iter reached", False, False
+        self.first: Optional[Tuple[int, float]] = None
+        self.it = 0
+        self.n_mv = 0
+        if self.bn == 0.0:
+            self.reason, self.converged, self.done = "b is zero", True, True
+            self.residuals = [0.0]
+
+    def vector(self) -> torch.Tensor:
+        return self.p
+
+    def step(self, Ap: torch.Tensor) -> None:
+        it = self.it
+        self.n_mv += 1
+        pAp = float(torch.dot(self.p, Ap))
+        if not math.isfinite(pAp):
+            raise NonFiniteError(f"CG: pᵀAp is {pAp} at iteration {it}")
+        if pAp <= 0:
+            self.reason = f"non-positive curvature {pAp:.3e} at iteration {it}"
+            self.first = (it, pAp)
+            self.done = True
+            return
+        self.it += 1
+        alpha = float(self.rs) / pAp
+        self.x.add_(self.p, alpha=alpha)
+        self.r.add_(Ap, alpha=-alpha)
+        rs_new = torch.dot(self.r, self.r)
+        rel = math.sqrt(float(rs_new)) / self.bn
+        self.residuals.append(rel)
+        log.debug("cg iteration %d: relative residual %.3e", it + 1, rel)
+        if rel <= self.tol or rel == 0.0:  # zero: exact solution (even with tol = 0)
+            self.reason = f"relative residual {rel:.2e} <= tol {self.tol:g}"
+            self.converged = self.done = True
+            return
+        self.p.mul_(float(rs_new) / float(self.rs)).add_(self.r)
+        self.rs = rs_new
+
+    def result(self, t0: float, true_rel: Optional[float], n_extra: int) -> SolveResult:
+        converged, reason = self.converged, self.reason
+        if (
+            true_rel is not None
+            and converged
+            and self.residuals
+            and true_rel
+            > max(self.tol, 10 * self.residuals[-1], 1e3 * torch.finfo(self.x.dtype).eps)
+        ):
+            converged = False
+            reason += f", but the residual recomputed from x is {true_rel:.2e} (rounding)"
+        log.info("cg: %d iterations, relative residual %.3e (%s)", self.it,
+                 true_rel if true_rel is not None else (self.residuals or [1.0])[-1], reason)  # fmt: skip
+        return SolveResult(
+            self.x, "cg", self.it, converged, reason, self.residuals, self.n_mv + n_extra,
+            time.perf_counter() - t0, self.first is not None, self.first, true_rel,
+        )  # fmt: skip
+
+
 def cg(
     matvec: MatVec,
     b: torch.Tensor,
@@ -126,15 +243,28 @@ def cg(
     on_negative_curvature: str = "raise",
     progress: bool = False,
     sync: Optional[Callable[[List[torch.Tensor]], None]] = None,
-) -> SolveResult:
+    true_residual: bool = True,
+):
     """Conjugate gradients for (A + λI) x = b from x = 0.
 
-    Stops when ‖r‖ <= tol·‖b‖ or after `max_iter` iterations. With
-    `fixed_iterations=True` it runs exactly `max_iter` iterations without reading
-    any value back to the host inside the loop (residuals are kept on the device
-    and read once at the end; a step with non-positive curvature or a zero
-    residual leaves the iterate unchanged). `sync`, if given, is called with the
-    CG state tensors after every iteration (XLA cuts its graph there).
+    Stops when the recurrence's residual ‖r‖ <= tol·‖b‖ or after `max_iter`
+    iterations. With `true_residual` (the default) the relative residual
+    ‖b − (A + λI)x‖ / ‖b‖ is then recomputed from x (one more product) into
+    `SolveResult.true_residual`, the number `relative_residual` reports, and
+    `converged` is withdrawn when it is far above the recurrence's (rounding).
+    `residuals` holds the recurrence's value per iteration.
+
+    With `fixed_iterations=True` it runs exactly `max_iter` iterations without
+    reading any value back to the host inside the loop (residuals are kept on
+    the device and read once at the end; a step with non-positive curvature or a
+    zero residual leaves the iterate unchanged). `sync`, if given, is called
+    with the CG state tensors after every iteration (XLA cuts its graph there).
+
+    Several right-hand sides: `b` of shape (k, n) solves the k systems together,
+    each with its own recurrence (the arithmetic of its separate solve), sharing
+    one product of the stacked vectors per iteration: `matvec` must then accept
+    a (k', n) matrix of rows (`mftx.Curvature.matvec` does; k' <= k, the systems
+    still running). Returns a list of k `SolveResult`.
 
     Non-positive curvature pᵀ(A + λI)p <= 0 raises `NegativeCurvatureError`, or,
     with ``on_negative_curvature="stop"``, returns the iterate reached so far with
@@ -144,65 +274,46 @@ def cg(
     max_iter, tol = check_max_iter(max_iter), check_tol(tol)
     if on_negative_curvature not in ("raise", "stop"):
         raise ValueError("on_negative_curvature must be 'raise' or 'stop'")
+    _check_rhs(b, fixed_iterations, "cg")
     t0 = time.perf_counter()
     A = damped(matvec, damping)
-    x = torch.zeros_like(b)
-    r = b.clone()
-    p = r.clone()
-    rs = torch.dot(r, r)
-    b_norm = torch.sqrt(rs)
     if fixed_iterations:
-        res = _cg_fixed(A, b, x, r, p, rs, b_norm, max_iter, progress, sync, t0)
+        x = torch.zeros_like(b)
+        r = b.clone()
+        p = r.clone()
+        rs = torch.dot(r, r)
+        res = _cg_fixed(A, b, x, r, p, rs, torch.sqrt(rs), max_iter, progress, sync, t0)
         _on_negative(res.first_negative, on_negative_curvature, damping)
         return res
-    bn = float(b_norm)
-    if bn == 0.0:
-        return SolveResult(x, "cg", 0, True, "b is zero", [0.0], 0, time.perf_counter() - t0)
-    residuals: List[float] = []
-    reason, converged = "max_iter reached", False
-    first: Optional[Tuple[int, float]] = None
-    n_mv = 0
+    if b.dim() == 2:
+        states = [_CG(bi, tol) for bi in b]
+        n_mv = _lockstep(states, matvec, damping, progress, f"cg ×{len(b)}", max_iter)
+        for st in states:
+            _on_negative(st.first, on_negative_curvature, damping)
+        trues: List[Optional[float]] = [None] * len(b)
+        if true_residual:
+            trues = _true_residuals(A, b, torch.stack([st.x for st in states]))
+        log.info("cg: %d right-hand sides, %d shared products", len(b), n_mv)
+        return [st.result(t0, tr, int(true_residual)) for st, tr in zip(states, trues)]
+    st = _CG(b, tol)
+    if st.done:
+        return SolveResult(st.x, "cg", 0, True, "b is zero", [0.0], 0, time.perf_counter() - t0,
+                           true_residual=0.0 if true_residual else None)  # fmt: skip
     bar = tqdm(range(max_iter), desc="cg", disable=not progress, leave=False)
-    it = 0
-    for it in bar:
-        Ap = A(p)
-        n_mv += 1
-        pAp = float(torch.dot(p, Ap))
-        if not math.isfinite(pAp):
-            raise NonFiniteError(f"CG: pᵀAp is {pAp} at iteration {it}")
-        if pAp <= 0:
-            reason = f"non-positive curvature {pAp:.3e} at iteration {it}"
-            first = (it, pAp)
-            it -= 1
+    for _ in bar:
+        st.step(A(st.p))
+        if st.residuals:
+            bar.set_postfix(rel_res=f"{st.residuals[-1]:.2e}")
+        if sync is not None and not st.first:
+            sync([st.x, st.r, st.p, st.rs])
+        if st.done:
             break
-        alpha = float(rs) / pAp
-        x.add_(p, alpha=alpha)
-        r.add_(Ap, alpha=-alpha)
-        rs_new = torch.dot(r, r)
-        rel = math.sqrt(float(rs_new)) / bn
-        residuals.append(rel)
-        bar.set_postfix(rel_res=f"{rel:.2e}")
-        log.debug("cg iteration %d: relative residual %.3e", it + 1, rel)
-        if sync is not None:
-            sync([x, r, p, rs_new])
-        if rel <= tol or rel == 0.0:  # zero: exact solution, nothing left (even with tol = 0)
-            reason, converged = f"relative residual {rel:.2e} <= tol {tol:g}", True
-            break
-        p.mul_(float(rs_new) / float(rs)).add_(r)
-        rs = rs_new
     bar.close()
-    _on_negative(first, on_negative_curvature, damping)
-    iters = it + 1
-    log.info(
-        "cg: %d iterations, relative residual %.3e (%s)",
-        iters,
-        residuals[-1] if residuals else 1.0,
-        reason,
-    )
-    return SolveResult(
-        x, "cg", iters, converged, reason, residuals, n_mv, time.perf_counter() - t0,
-        first is not None, first,
-    )  # fmt: skip
+    _on_negative(st.first, on_negative_curvature, damping)
+    true_rel = None
+    if true_residual:
+        true_rel = float(_norm(b - A(st.x))) / st.bn
+    return st.result(t0, true_rel, int(true_residual))
 
 
 def _on_negative(
@@ -266,6 +377,133 @@ def _cg_fixed(A, b, x, r, p, rs, b_norm, max_iter, progress, sync, t0) -> SolveR
     )  # fmt: skip
 
 
+class _Basis:
+    """The Lanczos vectors of a reorthogonalised MINRES, kept in blocks of rows (as the
+    Lanczos engine keeps them: the basis grows without copies, one partly used block)."""
+
+    def __init__(self, like: torch.Tensor):
+        from ..curvature.lanczos import _chunk_rows
+
+        self.n = like.numel()
+        self.rows = _chunk_rows(self.n, like.dtype)
+        self.like = like
+        self.chunks: List[torch.Tensor] = []
+        self.count = 0
+
+    def add(self, v: torch.Tensor) -> None:
+        if self.count % self.rows == 0:
+            self.chunks.append(torch.empty(self.rows, self.n, dtype=v.dtype, device=v.device))
+        self.chunks[-1][self.count % self.rows] = v
+        self.count += 1
+
+    def project_out(self, w: torch.Tensor) -> torch.Tensor:
+        from ..curvature.lanczos import _project_out
+
+        return _project_out(w, self.chunks, self.count)
+
+
+class _MINRES:
+    """The state of one MINRES solve (see `minres`); `vector()` / `step(Av)` as in `_CG`."""
+
+    def __init__(self, b: torch.Tensor, tol: float, reorthogonalize: bool):
+        self.tol = tol
+        self.bn = float(_norm(b))
+        if not math.isfinite(self.bn):
+            raise NonFiniteError(f"MINRES: the right-hand side has norm {self.bn}")
+        self.x = torch.zeros_like(b)
+        self.residuals: List[float] = []
+        self.reason, self.converged, self.done = "max_iter reached", False, False
+        self.it = 0  # iterations whose update of x is done
+        self.n_mv = 0
+        self.basis = _Basis(b) if reorthogonalize else None
+        if self.bn == 0.0:
+            self.reason, self.converged, self.done = "b is zero", True, True
+            self.residuals = [0.0]
+            return
+        self.v_prev, self.v = torch.zeros_like(b), b / self.bn
+        self.d_prev2, self.d_prev = torch.zeros_like(b), torch.zeros_like(b)
+        self.beta = self.bn  # β_k: couples v_{k−1} and v_k
+        self.c, self.s = -1.0, 0.0  # the previous rotation; (−1, 0) starts the recurrence
+        self.dbar, self.eps = 0.0, 0.0  # δ̄_k, ε_k: column k of T after the two rotations
+        self.phibar = self.bn
+        self.tiny = 10 * torch.finfo(b.dtype).eps  # relative to ‖T‖: exact breakdown
+        self.t_norm = 0.0
+        if self.basis is not None:
+            self.basis.add(self.v)
+        self.last_p: Optional[torch.Tensor] = None
+
+    def vector(self) -> torch.Tensor:
+        return self.v
+
+    def step(self, p: torch.Tensor) -> None:
+        it = self.it
+        self.n_mv += 1
+        if it > 0:  # not updated in place: a matvec may return a view of its input
+            p = p - self.beta * self.v_prev
+        alpha = float(torch.dot(self.v, p))
+        if not math.isfinite(alpha):
+            raise NonFiniteError(f"MINRES: vᵀAv is {alpha} at iteration {it}")
+        p = p - alpha * self.v
+        if self.basis is not None:
+            for _ in range(2):  # twice is enough (Giraud et al. 2005)
+                p = self.basis.project_out(p)
+        beta_next = float(_norm(p))
+        beta = self.beta
+        self.t_norm = max(
+            self.t_norm, math.sqrt(alpha**2 + beta_next**2 + (beta**2 if it else 0.0))
+        )
+        c, s = self.c, self.s
+        delta, gbar = c * self.dbar + s * alpha, s * self.dbar - c * alpha
+        eps_k, self.eps, self.dbar = self.eps, s * beta_next, -c * beta_next
+        gamma = math.hypot(gbar, beta_next)
+        if gamma <= self.tiny * self.t_norm:  # T_k singular, the Krylov space invariant
+            self.reason = f"singular system: exact breakdown at iteration {it}"
+            self.done = True
+            return
+        self.it += 1
+        c, s = self.c, self.s = gbar / gamma, beta_next / gamma
+        tau, self.phibar = c * self.phibar, s * self.phibar
+        d = (self.v - eps_k * self.d_prev2 - delta * self.d_prev) / gamma
+        self.x.add_(d, alpha=tau)
+        self.d_prev2, self.d_prev = self.d_prev, d
+        rel = abs(self.phibar) / self.bn
+        self.residuals.append(rel)
+        self.last_p = p
+        log.debug("minres iteration %d: relative residual %.3e", it + 1, rel)
+        if rel <= self.tol:
+            self.reason, self.converged = f"relative residual {rel:.2e} <= tol {self.tol:g}", True
+            self.done = True
+            return
+        if beta_next <= self.tiny * self.t_norm:  # the Krylov space is invariant
+            self.converged = rel <= 10 * self.tiny
+            self.reason = f"invariant Krylov space at iteration {it}, relative residual {rel:.2e}"
+            self.done = True
+            return
+        self.v_prev, self.v, self.beta = self.v, p / beta_next, beta_next
+        if self.basis is not None:
+            self.basis.add(self.v)
+
+    def result(self, t0: float, true_rel: Optional[float], n_extra: int) -> SolveResult:
+        converged, reason = self.converged, self.reason
+        if (
+            true_rel is not None
+            and converged
+            and self.residuals
+            and true_rel > max(self.tol, 10 * self.residuals[-1], 10 * self.tiny)
+        ):
+            converged = False
+            reason += f", but the residual recomputed from x is {true_rel:.2e} (rounding)"
+        if self.basis is not None:
+            reason += f" (reorthogonalised against {self.basis.count} basis vectors)"
+            self.basis = None
+        log.info("minres: %d iterations, relative residual %.3e (%s)", self.it,
+                 true_rel if true_rel is not None else (self.residuals or [1.0])[-1], reason)  # fmt: skip
+        return SolveResult(
+            self.x, "minres", self.it, converged, reason, self.residuals, self.n_mv + n_extra,
+            time.perf_counter() - t0, true_residual=true_rel,
+        )  # fmt: skip
+
+
 def minres(
     matvec: MatVec,
     b: torch.Tensor,
@@ -275,7 +513,9 @@ def minres(
     fixed_iterations: bool = False,
     progress: bool = False,
     sync: Optional[Callable[[List[torch.Tensor]], None]] = None,
-) -> SolveResult:
+    true_residual: bool = True,
+    reorthogonalize: bool = False,
+):
     """MINRES (Paige & Saunders 1975) for (A + λI) x = b from x = 0, A symmetric.
 
     Each iteration takes one Lanczos step (one product), reduces the growing
@@ -285,86 +525,60 @@ def minres(
     singular inconsistent system it converges to a least-squares solution).
 
     Stops when the residual ‖r_k‖ = |φ̄_k| of the recurrence is <= tol·‖b‖ or
-    after `max_iter` iterations; the scalar recurrence runs in float64 and the
-    true residual is recomputed from x at the end (one more product) so that
-    `converged` is not claimed on the recurrence alone. With
-    `fixed_iterations=True` it runs exactly `max_iter` iterations with no value
-    read back to the host inside the loop (device scalars in b's dtype; a step
-    after an exact breakdown leaves x unchanged), checks once afterwards that x
-    is finite, and calls `sync` with the state tensors after every iteration.
+    after `max_iter` iterations; the scalar recurrence runs in float64. With
+    `true_residual` (the default) the relative residual ‖b − (A + λI)x‖ / ‖b‖
+    is recomputed from x at the end (one more product) into
+    `SolveResult.true_residual`, so that `converged` is not claimed on the
+    recurrence alone. With `fixed_iterations=True` it runs exactly `max_iter`
+    iterations with no value read back to the host inside the loop (device
+    scalars in b's dtype; a step after an exact breakdown leaves x unchanged),
+    checks once afterwards that x is finite, and calls `sync` with the state
+    tensors after every iteration.
+
+    `reorthogonalize=True` keeps the Lanczos basis (one vector of b's size per
+    iteration, in blocks as `mftx.curvature.lanczos` keeps it: memory grows with
+    the iterations) and orthogonalises each new vector against all of it: in
+    floating point plain MINRES loses orthogonality after a few dozen iterations
+    and its residual stalls above what the Krylov space allows.
+
+    Several right-hand sides: `b` of shape (k, n) as in `cg` (one shared product
+    of the stacked vectors per iteration; a list of k `SolveResult`).
     """
     damping = _check_damping(damping)
     max_iter, tol = check_max_iter(max_iter), check_tol(tol)
+    _check_rhs(b, fixed_iterations, "minres")
+    if fixed_iterations and reorthogonalize:
+        raise ValueError("minres: reorthogonalize=True needs fixed_iterations=False")
     t0 = time.perf_counter()
     A = damped(matvec, damping)
     if fixed_iterations:
         return _minres_fixed(A, b, tol, max_iter, progress, sync, t0)
-    bn = float(_norm(b))
-    if not math.isfinite(bn):
-        raise NonFiniteError(f"MINRES: the right-hand side has norm {bn}")
-    if bn == 0.0:
-        return SolveResult(torch.zeros_like(b), "minres", 0, True, "b is zero", [0.0], 0, 0.0)
-    x = torch.zeros_like(b)
-    v_prev, v = torch.zeros_like(b), b / bn
-    d_prev2, d_prev = torch.zeros_like(b), torch.zeros_like(b)
-    beta = bn  # β_k: couples v_{k−1} and v_k
-    c, s = -1.0, 0.0  # the previous rotation; (−1, 0) starts the recurrence
-    dbar, eps = 0.0, 0.0  # δ̄_k, ε_k: column k of T after the two previous rotations
-    phibar = bn
-    residuals: List[float] = []
-    reason, converged, n_mv = "max_iter reached", False, 0
-    tiny = 10 * torch.finfo(b.dtype).eps  # relative to ‖T‖: exact breakdown, up to rounding
-    t_norm = 0.0
+    if b.dim() == 2:
+        states = [_MINRES(bi, tol, reorthogonalize) for bi in b]
+        n_mv = _lockstep(states, matvec, damping, progress, f"minres ×{len(b)}", max_iter)
+        trues: List[Optional[float]] = [None] * len(b)
+        if true_residual:
+            trues = _true_residuals(A, b, torch.stack([st.x for st in states]))
+        log.info("minres: %d right-hand sides, %d shared products", len(b), n_mv)
+        return [st.result(t0, tr, int(true_residual)) for st, tr in zip(states, trues)]
+    st = _MINRES(b, tol, reorthogonalize)
+    if st.done:
+        return SolveResult(st.x, "minres", 0, True, "b is zero", [0.0], 0, 0.0,
+                           true_residual=0.0 if true_residual else None)  # fmt: skip
     bar = tqdm(range(max_iter), desc="minres", disable=not progress, leave=False)
-    it = 0
-    for it in bar:
-        p = A(v)  # not updated in place: a matvec may return a view of its input
-        n_mv += 1
-        if it > 0:
-            p = p - beta * v_prev
-        alpha = float(torch.dot(v, p))
-        if not math.isfinite(alpha):
-            raise NonFiniteError(f"MINRES: vᵀAv is {alpha} at iteration {it}")
-        p = p - alpha * v
-        beta_next = float(_norm(p))
-        t_norm = max(t_norm, math.sqrt(alpha**2 + beta_next**2 + (beta**2 if it else 0.0)))
-        delta, gbar = c * dbar + s * alpha, s * dbar - c * alpha
-        eps_k, eps, dbar = eps, s * beta_next, -c * beta_next
-        gamma = math.hypot(gbar, beta_next)
-        if gamma <= tiny * t_norm:  # T_k singular, the Krylov space invariant: x is final
-            reason = f"singular system: exact breakdown at iteration {it}"
-            it -= 1
+    for _ in bar:
+        st.step(A(st.v))
+        if st.residuals:
+            bar.set_postfix(rel_res=f"{st.residuals[-1]:.2e}")
+        if sync is not None and st.last_p is not None:
+            sync([st.x, st.v, st.last_p, st.d_prev, st.d_prev2])
+        if st.done:
             break
-        c, s = gbar / gamma, beta_next / gamma
-        tau, phibar = c * phibar, s * phibar
-        d = (v - eps_k * d_prev2 - delta * d_prev) / gamma
-        x.add_(d, alpha=tau)
-        d_prev2, d_prev = d_prev, d
-        rel = abs(phibar) / bn
-        residuals.append(rel)
-        bar.set_postfix(rel_res=f"{rel:.2e}")
-        log.debug("minres iteration %d: relative residual %.3e", it + 1, rel)
-        if sync is not None:
-            sync([x, v, p, d_prev, d_prev2])
-        if rel <= tol:
-            reason, converged = f"relative residual {rel:.2e} <= tol {tol:g}", True
-            break
-        if beta_next <= tiny * t_norm:  # the Krylov space is invariant: nothing more to gain
-            converged = rel <= 10 * tiny
-            reason = f"invariant Krylov space at iteration {it}, relative residual {rel:.2e}"
-            break
-        v_prev, v, beta = v, p / beta_next, beta_next
     bar.close()
-    true_rel = float(_norm(b - A(x))) / bn
-    n_mv += 1
-    if converged and true_rel > max(tol, 10 * residuals[-1], 10 * tiny):
-        converged = False
-        reason += f", but the residual recomputed from x is {true_rel:.2e} (rounding)"
-    log.info("minres: %d iterations, relative residual %.3e (%s)", it + 1, true_rel, reason)
-    return SolveResult(
-        x, "minres", it + 1, converged, reason, residuals, n_mv, time.perf_counter() - t0,
-        true_residual=true_rel,
-    )  # fmt: skip
+    true_rel = None
+    if true_residual:
+        true_rel = float(_norm(b - A(st.x))) / st.bn
+    return st.result(t0, true_rel, int(true_residual))
 
 
 def _minres_fixed(A, b, tol, max_iter, progress, sync, t0) -> SolveResult:

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import asdict
+from contextlib import contextmanager
+from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -54,7 +55,7 @@ __all__ = ["analyze", "overlap"]
 log = logging.getLogger("mftx")
 
 #: ScoreConfig fields that do not change the scores (left out of the recorded settings).
-_NOT_SETTINGS = ("progress", "distributed", "lowrank_file")
+_NOT_SETTINGS = ("progress", "distributed", "lowrank_file", "spectrum")
 
 
 def _score_settings(cfg: ScoreConfig) -> Dict[str, Any]:
@@ -109,13 +110,16 @@ def _analyze_checkpoint(ck: Checkpoint, cfg: AnalyzeConfig) -> None:
     space = select_params(ck.model)
     log.info("analysing %s: %d analysed parameters", ck.name, space.numel)
     info = _checkpoint_info(ck, space)
+    spectra = {}
     if cfg.spectrum_steps:
         for curvature in _curvatures(cfg):
-            _spectrum(ck, space, curvature, cfg)
+            spectra[curvature] = _spectrum(ck, space, curvature, cfg)
     scores: Dict[str, Scores] = {}
     digests: Dict[str, str] = {}
     for label in cfg.methods:
-        scores[label], digests[label] = _scores(ck, space, label, cfg)
+        if cfg.heldout:  # the all-rows and both folds' systems in one solve, where it can
+            _scores_together(ck, space, label, cfg, spectra)
+        scores[label], digests[label] = _scores(ck, space, label, cfg, spectra=spectra)
     for label, s in scores.items():
         _sweep(ck, space, label, s, digests[label], cfg.ks, info.baseline, cfg.progress)
     if "gradient" in scores:
@@ -132,7 +136,7 @@ def _analyze_checkpoint(ck: Checkpoint, cfg: AnalyzeConfig) -> None:
     for label, s in scores.items():
         _location(ck, space, label, s, digests[label], cfg.location_ks)
     if cfg.heldout:
-        crossfit.run(ck, space, cfg, scores, digests, partial(_scores, ck, space))
+        crossfit.run(ck, space, cfg, scores, digests, partial(_scores, ck, space, spectra=spectra))
 
 
 def _curvatures(cfg: AnalyzeConfig) -> List[str]:
@@ -159,6 +163,7 @@ def _spectrum(ck: Checkpoint, space: ParamSpace, curvature: str, cfg: AnalyzeCon
         ck.model, ck.train, params=space, curvature=curvature, hvp_mode=cfg.hvp_mode,
         hvp_batches=cfg.hvp_batches, seed=0, progress=cfg.progress,
         steps=cfg.spectrum_steps, probes=cfg.spectrum_probes,
+        cache_graphs=cfg.cache_graphs and cfg.hvp_mode == "double-backward",
     )  # fmt: skip
     log.info("%s: %s spectrum: %s", ck.name, curvature, spec.summary())
     return stage.save(spec).result
@@ -182,15 +187,32 @@ def _checkpoint_info(ck: Checkpoint, space: ParamSpace) -> CheckpointInfo:
     return stage.save(info).result
 
 
-def _scores(
-    ck: Checkpoint, space: ParamSpace, label: str, cfg: AnalyzeConfig,
-    half: Optional[Tuple[str, RowSplit]] = None,
-):  # fmt: skip
-    """The scores of method `label` (a label such as 'influence-ggn') and their digest.
+def _with_spectrum(scfg: ScoreConfig, spectra: Optional[Dict[str, Any]]) -> ScoreConfig:
+    """`scfg` with the spectrum stage's result for damping='auto' when it is what the solve's
+    own Lanczos run would compute: same curvature, seed and tolerance, and converged within
+    the solve's step cap (the same steps from the same start). Then the recorded λ is the
+    one the solve would pick, and no product is spent on it."""
+    spec = (spectra or {}).get(scfg.curvature)
+    if scfg.damping != "auto" or spec is None or scfg.method != "influence":
+        return scfg
+    if scfg.solver not in ("cg", "minres", "lissa", "explicit"):
+        return scfg
+    info = spec.info or {}
+    scale = max(abs(spec.lambda_min), abs(spec.lambda_max))
+    converged = max(spec.lambda_min_error, spec.lambda_max_error) <= scfg.lanczos_tol * scale
+    if (
+        info.get("seed") != scfg.seed
+        or info.get("tol") != scfg.lanczos_tol
+        or len(spec.ritz_values) > scfg.lanczos_steps
+        or not converged
+    ):
+        return scfg
+    return replace(scfg, spectrum=spec)
 
-    With `half` = (name, split), the validation gradient comes from that half of
-    the dev rows only (held-out protocol); the files are ``scores-<label>@<name>``.
-    """
+
+def _score_stage(ck: Checkpoint, label: str, cfg: AnalyzeConfig,
+                 half: Optional[Tuple[str, RowSplit]]):  # fmt: skip
+    """(config, stage, file, validation batches, name) of method `label`'s scores."""
     scfg = cfg.score_config(label, ck.out)
     settings = {"data": ck.data_settings, "score": _score_settings(scfg)}
     val, inputs, name = ck.dev, ck.inputs, label
@@ -204,7 +226,61 @@ def _scores(
         inputs = {**ck.inputs, "dev": digest_batches(val)}
         name = f"{label}@{half[0]}"
     stage = ck.stage("scores", name, settings, inputs, defaults=_SCORE_DEFAULTS)
-    file = ck.out / f"scores-{name}.safetensors"
+    return scfg, stage, ck.out / f"scores-{name}.safetensors", val, name
+
+
+def _scores_together(ck: Checkpoint, space: ParamSpace, label: str, cfg: AnalyzeConfig,
+                     spectra: Optional[Dict[str, Any]] = None) -> None:  # fmt: skip
+    """With held-out folds: the scores of all rows, fold A and fold B from one solve with
+    three right-hand sides (one curvature product per iteration for the three) when the
+    method is a CG / MINRES influence and two or more of them are not on disk yet; each
+    is then recorded as `_scores` would record it."""
+    scfg = cfg.score_config(label, ck.out)
+    if scfg.method != "influence" or scfg.solver not in ("cg", "minres"):
+        return
+    split = crossfit._split(ck, cfg)
+    halves = {"all": None, "A": ("A", split), "B": ("B", split)}
+    missing = {}
+    for key, half in halves.items():
+        _, stage, file, val, _ = _score_stage(ck, label, cfg, half)
+        if stage.previous() is None or not file.is_file():
+            missing[key] = val
+    if len(missing) < 2:
+        return
+    log.info("%s: scoring %s on %s in one solve", ck.name, label, ", ".join(missing))
+    with _convergence_logged():
+        got = score_with_config(ck.model, ck.train, missing, _with_spectrum(scfg, spectra),
+                                params=space)  # fmt: skip
+    for key, s in got.items():
+        _scores(ck, space, label, cfg, half=halves[key], computed=s)
+
+
+@contextmanager
+def _convergence_logged():
+    """A solve that stopped short is not a Python warning here: `_scores` logs its summary
+    line at WARNING level and the record keeps its residual. Other warnings pass on."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        yield
+    for w in caught:
+        if not issubclass(w.category, ConvergenceWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+def _scores(
+    ck: Checkpoint, space: ParamSpace, label: str, cfg: AnalyzeConfig,
+    half: Optional[Tuple[str, RowSplit]] = None, computed: Optional[Scores] = None,
+    spectra: Optional[Dict[str, Any]] = None,
+):  # fmt: skip
+    """The scores of method `label` (a label such as 'influence-ggn') and their digest.
+
+    With `half` = (name, split), the validation gradient comes from that half of
+    the dev rows only (held-out protocol); the files are ``scores-<label>@<name>``.
+    `computed`: scores already computed for these settings (saved unless on disk).
+    `spectra`: the spectrum stage's results by curvature (damping='auto' takes λ from
+    them when they are what its own Lanczos run would give).
+    """
+    scfg, stage, file, val, name = _score_stage(ck, label, cfg, half)
     prev = stage.previous()
     if prev is not None and file.is_file():
         s = Scores.load(file)
@@ -216,13 +292,13 @@ def _scores(
             )
         log.info("%s: %s scores loaded from %s", ck.name, name, file.name)
         return s, digest
-    log.info("%s: scoring with %s", ck.name, name)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ConvergenceWarning)
-        s = score_with_config(ck.model, ck.train, val, scfg, params=space)
-    for w in caught:  # a solve that stopped short is logged (and recorded), others pass on
-        if not issubclass(w.category, ConvergenceWarning):
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if computed is None:
+        log.info("%s: scoring with %s", ck.name, name)
+        with _convergence_logged():
+            s = score_with_config(ck.model, ck.train, val, _with_spectrum(scfg, spectra),
+                                  params=space)  # fmt: skip
+    else:
+        s = computed
     s.save(file)
     digest = _digest(s)
     stage.save(_scores_info(name, file.name, digest, s))
