@@ -132,9 +132,18 @@ def describe(method: str, config: Dict[str, Any], stats: Dict[str, Any]) -> str:
 def meets_tolerance(config: Dict[str, Any], solver: Dict[str, Any]) -> bool:
     """Whether a solve did what its name says: the solver's own verdict (tolerance met;
     for Lanczos, eigenpairs converged), and for fixed-iteration CG, which has no stopping
-    test, a final relative residual within ``tol``. True where there was no solve."""
+    test, a final relative residual within ``tol``. ``tol=0`` asks CG / MINRES for exactly
+    ``max_iter`` iterations (met unless CG hit non-positive curvature). True where there
+    was no solve."""
     if not solver:
         return True
+    tol = config.get("tol")
+    if (
+        solver.get("solver") in ("cg", "minres")
+        and tol == 0
+        and not solver.get("negative_curvature")
+    ):
+        return True  # tol=0 asks for max_iter iterations, no stopping test: done as asked
     if solver.get("converged") is False:
         return False
     rel, tol = solver.get("relative_residual"), config.get("tol")

@@ -182,6 +182,12 @@ class ScoreConfig:
         if not 0 < self.cache_budget <= 1:
             raise ValueError(f"cache_budget must be in (0, 1], got {self.cache_budget!r}")
         one_of("fisher", ekfac.FISHERS)
+        if self.method == "influence" and self.solver == "ekfac" and self.curvature != "hessian":
+            raise ValueError(
+                f"curvature={self.curvature!r} applies to the product-based solvers (cg, minres, "
+                "lissa, explicit, lanczos); solver='ekfac' (the default) inverts the Kronecker-"
+                f"factored Fisher. Pass solver='cg' (or 'minres') for the {self.curvature.upper()}."
+            )
         if self.damping != "auto":
             if isinstance(self.damping, str):
                 raise ValueError(f"damping must be a number >= 0 or 'auto', got {self.damping!r}")

@@ -82,7 +82,7 @@ def test_auto_caching_follows_the_free_memory(bert, monkeypatch, free, cached, m
 def test_auto_caching_is_recorded_in_the_scores(bert, monkeypatch):
     model, train, space, H = bert
     monkeypatch.setattr(memory, "available_bytes", lambda device: 1 << 40)
-    s = mftx.score(model, train, train, params=space, damping=5.0, cache_graphs="auto",
+    s = mftx.score(model, train, train, params=space, solver="minres", damping=5.0, cache_graphs="auto",
                    cache_budget=0.25, progress=False)  # fmt: skip
     assert s.stats["graph_cache"]["cached"] and s.stats["graph_cache"]["budget"] == 0.25
 

@@ -189,21 +189,22 @@ def test_auto_damping_from_a_recorded_spectrum_costs_no_product(bert, tmp_path):
     model, train, val, space = bert
     spec = mftx.spectrum(model, train, params=space, probes=1, steps=60, progress=False)
     path = spec.save(tmp_path / "spec.json")
-    own = mftx.score(model, train, val, params=space, damping="auto", progress=False)
+    own = mftx.score(model, train, val, params=space, solver="minres", damping="auto",
+                     progress=False)  # fmt: skip
     for recorded in (spec, str(path)):
-        got = mftx.score(model, train, val, params=space, damping="auto", spectrum=recorded,
-                         progress=False)  # fmt: skip
+        got = mftx.score(model, train, val, params=space, solver="minres", damping="auto",
+                         spectrum=recorded, progress=False)  # fmt: skip
         assert got.stats["damping"] == pytest.approx(own.stats["damping"], rel=1e-9)
         assert got.stats["n_hvp"] == got.stats["solver"]["n_matvec"]  # nothing spent on λ
         assert own.stats["n_hvp"] > own.stats["solver"]["n_matvec"]
         assert got.stats["spectrum_recorded"]
     with pytest.raises(ValueError, match="of the hessian, the system of the ggn"):
-        mftx.score(model, train, val, params=space, damping="auto", spectrum=spec,
-                   curvature="ggn", progress=False)  # fmt: skip
+        mftx.score(model, train, val, params=space, solver="minres", damping="auto",
+                   spectrum=spec, curvature="ggn", progress=False)  # fmt: skip
     other = mftx.select_params(model, include=[r"layer\.1\.output\.dense\.bias"])
     with pytest.raises(ValueError, match="parameters"):
-        mftx.score(model, train, val, params=other, damping="auto", spectrum=spec,
-                   progress=False)  # fmt: skip
+        mftx.score(model, train, val, params=other, solver="minres", damping="auto",
+                   spectrum=spec, progress=False)  # fmt: skip
 
 
 def test_lanczos_without_reorthogonalisation_keeps_no_basis_and_one_pass_suffices():

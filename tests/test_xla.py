@@ -76,7 +76,7 @@ def test_additive_mask_gives_the_same_model_outputs(problem):
 def test_missing_torch_xla_says_how_to_install(problem):
     model, train, val, space = problem
     with pytest.raises(ImportError, match=r"pip install torch==2\.9\.0 torch-xla==2\.9\.0"):
-        mftx.score(model, train, val, params=space, backend="xla", progress=False)
+        mftx.score(model, train, val, params=space, backend="xla", solver="minres", progress=False)
 
 
 @pytest.mark.parametrize(
@@ -86,7 +86,8 @@ def test_missing_torch_xla_says_how_to_install(problem):
         ({"solver": "lissa"}, "fixed-iteration CG or MINRES only"),
         ({"solver": "lanczos"}, "fixed-iteration CG or MINRES only"),
         ({"solver": "ekfac"}, "fixed-iteration CG or MINRES only"),
-        ({"damping": "auto"}, "damping='auto' runs Lanczos"),
+        ({}, "not 'ekfac' \\(the default solver\\): pass solver='cg' or solver='minres'"),
+        ({"damping": "auto", "solver": "minres"}, "damping='auto' runs Lanczos"),
         ({"xla_compile": True, "hvp_mode": "double-backward"}, "use hvp_mode='rev-rev'"),
     ],
 )

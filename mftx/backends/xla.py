@@ -73,6 +73,11 @@ def check_config(cfg: Any) -> None:
     if cfg.solver not in ("cg", "minres"):
         raise ValueError(
             f"backend='xla' solves with fixed-iteration CG or MINRES only, not {cfg.solver!r}"
+            + (
+                " (the default solver): pass solver='cg' or solver='minres'"
+                if cfg.solver == "ekfac"
+                else ""
+            )
         )
     if cfg.damping == "auto":
         raise ValueError(
