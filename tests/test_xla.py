@@ -119,8 +119,9 @@ def test_influence_on_xla_equals_eager_without_recompiling(problem, compile_coun
     model, train, val, space = problem
     # H's smallest eigenvalue on this problem is -6.3: damping 10 makes H + λI positive
     # definite (condition number about 5), so CG is well posed and no step is skipped.
+    # tol=0: exactly max_iter iterations, no stopping test (else the short solve warns).
     kw = dict(method="influence", params=space, solver="cg", damping=10.0, max_iter=6,
-              progress=False)  # fmt: skip
+              tol=0.0, progress=False)  # fmt: skip
     eager = mftx.score(model, train, val, fixed_iterations=True, **kw)
     counts = compile_counts
     first = mftx.score(model, train, val, backend="xla", xla_compile=compile_hvp, **kw)
@@ -149,9 +150,9 @@ def test_minres_on_xla_equals_eager_without_recompiling(problem, compile_counts)
     # H's smallest eigenvalue here is -6.3: H + I is indefinite, which CG cannot solve and
     # MINRES can. Fixed iterations with the residual kept on the device, as for CG.
     kw = dict(method="influence", params=space, solver="minres", damping=1.0, max_iter=6,
-              progress=False)  # fmt: skip
+              tol=0.0, progress=False)  # fmt: skip
     eager = mftx.score(model, train, val, fixed_iterations=True, **kw)
-    adaptive = mftx.score(model, train, val, tol=0.0, **kw)
+    adaptive = mftx.score(model, train, val, **kw)
     counts = compile_counts
     first = mftx.score(model, train, val, backend="xla", **kw)
     # counts[0]: the start state; counts[i]: after iteration i. The first iteration compiles
