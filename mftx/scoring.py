@@ -27,7 +27,7 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, List, Optional, Union
 
 import torch
 from torch import nn
@@ -300,8 +300,9 @@ def score(
     chose it) and ``stats["spectrum"]`` the spectrum estimate when one was made.
     `val` may also be a dict of several validation sets (name -> iterable of
     batches): then a dict of `Scores` by name, the CG / MINRES influence solves
-    sharing one curvature product per iteration (each answer that of its own
-    solve; other methods and solvers score the sets one after another).
+    sharing one curvature product per iteration and EK-FAC fitting its factors once
+    (each answer that of its own solve; other methods and solvers score the sets one
+    after another).
 
     ``method="influence"`` defaults to ``solver="ekfac"`` (see `DEFAULT_SOLVER`);
     ``solver="minres"`` (with the default ``damping=0.01``) is the reference formula
@@ -457,7 +458,7 @@ def _influence(model, space, train, val, loss_fn, cfg):
         "hvp_batches_used": n_drawn,
     }
     if cfg.solver == "ekfac":
-        res = _ekfac_solve(model, space, batches, loss_fn, g_val, cfg, stats)
+        (res,) = _ekfac_solve(model, space, batches, loss_fn, [g_val], cfg, stats)
         stats.update({"n_hvp": 0, "n_batch_hvp": 0})
     else:
         op = _curvature(model, space, batches, loss_fn, cfg, "train", share)
@@ -573,8 +574,10 @@ def _lowrank_solve(op: Curvature, b: torch.Tensor, cfg: ScoreConfig, stats: dict
     )  # fmt: skip
 
 
-def _ekfac_solve(model, space, batches, loss_fn, g, cfg: ScoreConfig, stats: dict):
-    """solver="ekfac": fit the Kronecker factors on the HVP batches, invert in closed form."""
+def _ekfac_solve(model, space, batches, loss_fn, gs: List[torch.Tensor], cfg: ScoreConfig,
+                 stats: dict) -> List[solvers.SolveResult]:  # fmt: skip
+    """solver="ekfac": fit the Kronecker factors on the HVP batches once, invert in closed form
+    for each right-hand side of `gs` (the fit does not depend on them)."""
     t0 = time.perf_counter()
     fitted = ekfac.fit(
         model,
@@ -593,15 +596,14 @@ def _ekfac_solve(model, space, batches, loss_fn, g, cfg: ScoreConfig, stats: dic
         damping = float(cfg.damping)
     stats["damping"] = damping
     t1 = time.perf_counter()
-    x = fitted.solve(g, damping)
+    xs = [fitted.solve(g, damping) for g in gs]
     stats["ekfac"] = {
-        **fitted.info, "solve_seconds": time.perf_counter() - t1,
+        **fitted.info, "solve_seconds": (time.perf_counter() - t1) / len(gs),
         "eigenvalue_max": float(lam.max()), "eigenvalue_mean": float(lam.mean()),
     }  # fmt: skip
-    return solvers.SolveResult(
-        x, "ekfac", 0, True, f"EK-FAC of the {cfg.fisher} Fisher over {len(fitted.blocks)} "
-        "linear modules", [], 0, time.perf_counter() - t0,
-    )  # fmt: skip
+    what = f"EK-FAC of the {cfg.fisher} Fisher over {len(fitted.blocks)} linear modules"
+    seconds = time.perf_counter() - t0
+    return [solvers.SolveResult(x, "ekfac", 0, True, what, [], 0, seconds) for x in xs]
 
 
 def _taylor(model, space, train, val, loss_fn, cfg):
@@ -701,6 +703,28 @@ def _recorded_spectrum(cfg: ScoreConfig, op: Curvature) -> spectra.Spectrum:
     return spec
 
 
+def _shared_solve(model, space, train_b, idx, share, loss_fn, grads, cfg: ScoreConfig, names,
+                  common: dict) -> list:  # fmt: skip
+    """CG / MINRES with one right-hand side per validation set: one stacked product per
+    iteration on the training batches `idx`; fills `common` with what every set shares."""
+    op = _curvature(model, space, [train_b[i] for i in idx], loss_fn, cfg, "train", share)
+    try:
+        damping = common["damping"] = _spectral_damping(op, cfg, common)
+        solve = solvers.cg if cfg.solver == "cg" else solvers.minres
+        kw = {"on_negative_curvature": cfg.on_negative_curvature} if cfg.solver == "cg" else {}
+        results = solve(
+            op.matvec, torch.stack(grads), damping, tol=cfg.tol, max_iter=cfg.max_iter,
+            progress=cfg.progress, **kw,
+        )  # fmt: skip
+    finally:
+        op.release()
+    common.update({"hvp_batches_used": len(idx), "n_hvp": op.n_matvec,
+                   "n_batch_hvp": op.n_batch_products, "shared_solve": names})  # fmt: skip
+    if op.cache_decision is not None:
+        common["graph_cache"] = op.cache_decision
+    return results
+
+
 def _score_sets(model, train, val: Mapping, cfg: ScoreConfig, params, loss_fn) -> dict:
     """`score` with several validation sets: {name: Scores}."""
     cfg.validate()
@@ -709,8 +733,8 @@ def _score_sets(model, train, val: Mapping, cfg: ScoreConfig, params, loss_fn) -
     sets = [_materialise(val[k], f"val[{k!r}]", True) for k in names]
     shared = (
         cfg.method == "influence"
-        and cfg.solver in ("cg", "minres")
-        and not cfg.fixed_iterations
+        and cfg.solver in ("cg", "minres", "ekfac")
+        and not (cfg.fixed_iterations and cfg.solver != "ekfac")
         and cfg.backend in ("eager", "compile")
         and len(names) > 1
         and not dist.active(cfg.distributed)
@@ -754,21 +778,14 @@ def _score_sets(model, train, val: Mapping, cfg: ScoreConfig, params, loss_fn) -
         if len(idx) < len(train_b) and (cfg.num_examples or {}).get("train") is not None:
             w = batch_weights(size, train_b)
             share = sum(w[i] for i in idx) / sum(w)
-        op = _curvature(model, space, [train_b[i] for i in idx], loss_fn, cfg, "train", share)
-        try:
-            damping = common["damping"] = _spectral_damping(op, cfg, common)
-            solve = solvers.cg if cfg.solver == "cg" else solvers.minres
-            kw = {"on_negative_curvature": cfg.on_negative_curvature} if cfg.solver == "cg" else {}
-            results = solve(
-                op.matvec, torch.stack(grads), damping, tol=cfg.tol, max_iter=cfg.max_iter,
-                progress=cfg.progress, **kw,
-            )  # fmt: skip
-        finally:
-            op.release()
-        common.update({"hvp_batches_used": len(idx), "n_hvp": op.n_matvec,
-                       "n_batch_hvp": op.n_batch_products, "shared_solve": names})  # fmt: skip
-        if op.cache_decision is not None:
-            common["graph_cache"] = op.cache_decision
+        if cfg.solver == "ekfac":  # one fit, a closed-form inverse per set
+            batches = [train_b[i] for i in idx]
+            results = _ekfac_solve(model, space, batches, loss_fn, grads, cfg, common)
+            common.update({"hvp_batches_used": len(idx), "n_hvp": 0, "n_batch_hvp": 0,
+                           "shared_solve": names})  # fmt: skip
+        else:
+            results = _shared_solve(model, space, train_b, idx, share, loss_fn, grads, cfg,
+                                    names, common)  # fmt: skip
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - t0

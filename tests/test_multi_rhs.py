@@ -185,6 +185,30 @@ def test_score_with_several_validation_sets_equals_separate_scores(bert):
     assert set(tay) == set(sets) and tay["all"].method == "taylor"
 
 
+def test_ekfac_with_several_validation_sets_fits_once_and_equals_separate_scores(
+    bert, monkeypatch
+):
+    model, train, val, space = bert
+    sets = {"all": val, "first": [{k: v[:3] for k, v in val[0].items()}], "train": train}
+    fits = []
+    real = ekfac.fit
+    monkeypatch.setattr(ekfac, "fit", lambda *a, **k: fits.append(1) or real(*a, **k))
+    kw = dict(params=space, solver="ekfac", damping=0.05, progress=False)
+    many = mftx.score(model, train, sets, **kw)
+    assert len(fits) == 1 and list(many) == list(sets)
+    for name, v in sets.items():
+        one = mftx.score(model, train, v, **kw)
+        a = torch.cat([many[name].scores[n].reshape(-1) for n in space.names])
+        b = torch.cat([one.scores[n].reshape(-1) for n in space.names])
+        assert rel(a, b) < 1e-12, name
+        assert many[name].stats["shared_solve"] == list(sets)
+        assert many[name].stats["damping"] == one.stats["damping"] == 0.05
+        assert many[name].stats["n_hvp"] == 0 and many[name].converged is None
+    assert len(fits) == 1 + len(sets)
+    assert rel(torch.cat([many["all"].scores[n].reshape(-1) for n in space.names]),
+               torch.cat([many["first"].scores[n].reshape(-1) for n in space.names])) > 1e-3  # fmt: skip
+
+
 def test_auto_damping_from_a_recorded_spectrum_costs_no_product(bert, tmp_path):
     model, train, val, space = bert
     spec = mftx.spectrum(model, train, params=space, probes=1, steps=60, progress=False)
