@@ -185,9 +185,7 @@ def test_score_with_several_validation_sets_equals_separate_scores(bert):
     assert set(tay) == set(sets) and tay["all"].method == "taylor"
 
 
-def test_ekfac_with_several_validation_sets_fits_once_and_equals_separate_scores(
-    bert, monkeypatch
-):
+def test_ekfac_several_validation_sets_fit_once_equal_separate_scores(bert, monkeypatch):
     model, train, val, space = bert
     sets = {"all": val, "first": [{k: v[:3] for k, v in val[0].items()}], "train": train}
     fits = []
