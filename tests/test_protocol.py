@@ -14,7 +14,7 @@ import mftx
 from mftx.models import load_classifier
 from mftx.ops.indexing import FlatIndex
 from mftx.study import groups, protocol
-from mftx.study.heldout import DevRows, RowSplit, best_offset, row_metrics
+from mftx.study.heldout import DevRows, RowSplit, best_offset, encode_rows, row_metrics, two_fold
 from mftx.study.protocol import Heldout, ProtocolPoint, RowStats
 
 HELDOUT = (
@@ -202,36 +202,93 @@ def _stats(acc):
     return RowStats(acc, 0.5, [0.5, 0.5], 10)
 
 
-def _pt(scores, k, a, b, allrows, recal=(0.0, 0.0)):
+def _pt(scores, k, a, b, allrows, recal=(0.0, 0.0), own=None):
     rows = {"all": _stats(allrows), "A": _stats(a), "B": _stats(b)}
-    return ProtocolPoint(scores, k, k, rows, {"A->B": recal[0], "B->A": recal[1]})
+    own = {} if own is None else {"A->B": own[0], "B->A": own[1]}
+    return ProtocolPoint(scores, k, k, rows, {"A->B": recal[0], "B->A": recal[1]}, own)
 
 
 def test_summaries_choose_on_one_half_and_measure_on_the_other():
-    base = _pt("none", 0, 0.6, 0.6, 0.6, recal=(0.7, 0.65))
-    h = Heldout("m", base, [
+    # own = (accuracy on A after A's offset, accuracy on B after B's offset)
+    base = _pt("none", 0, 0.6, 0.6, 0.6, recal=(0.7, 0.65), own=(0.72, 0.66))
+    h = Heldout("influence", base, [
         _pt("all", 10, 0.9, 0.9, 0.95), _pt("all", 100, 0.6, 0.6, 0.5),
         # A-scores: best on A at k = 100 (0.8), where B is 0.55; k = 10 is better on B.
-        _pt("A", 10, 0.7, 0.75, 0.7), _pt("A", 100, 0.8, 0.55, 0.7, recal=(0.66, 0.0)),
-        _pt("B", 10, 0.61, 0.62, 0.6), _pt("B", 100, 0.64, 0.63, 0.6, recal=(0.0, 0.69)),
+        # After A's own offset k = 10 is best on A (0.75): its recalibrated B is 0.71.
+        _pt("A", 10, 0.7, 0.75, 0.7, recal=(0.71, 0.0), own=(0.75, 0.0)),
+        _pt("A", 100, 0.8, 0.55, 0.7, recal=(0.66, 0.0), own=(0.74, 0.0)),
+        # B-scores: after B's offset nothing beats the unmasked model (0.66): k = 0.
+        _pt("B", 10, 0.61, 0.62, 0.6, own=(0.0, 0.6)),
+        _pt("B", 100, 0.64, 0.63, 0.6, recal=(0.0, 0.69), own=(0.0, 0.65)),
     ])  # fmt: skip
     ref = protocol.reference_summary(h, fixed_k=100)
     assert ref["best_k"] == 10 and ref["gain"] == pytest.approx(0.35)
     assert ref["gain_at_fixed_k"] == pytest.approx(-0.1)
+    assert ref["gain_ci"] is None  # no per-row predictions in these records
     held = protocol.heldout_summary(h, fixed_k=100)
     ab, ba = held["folds"]
     assert (ab["best_k"], ab["accuracy"], ab["gain"]) == (100, 0.55, pytest.approx(-0.05))
-    assert ab["beyond_recalibration"] == pytest.approx(0.55 - 0.7)
-    assert ab["masked_recalibrated"] == 0.66
+    assert ab["vs_recalibrated_baseline"] == pytest.approx(0.55 - 0.7)  # the old column
+    # Fair: k chosen after A's own offset (10), both sides recalibrated with A's offsets.
+    assert (ab["recal_best_k"], ab["masked_recalibrated"]) == (10, 0.71)
+    assert ab["beyond_recalibration"] == pytest.approx(0.71 - 0.7)
     assert (ba["best_k"], ba["accuracy"]) == (100, 0.64)
-    assert ba["beyond_recalibration"] == pytest.approx(0.64 - 0.65)
+    assert ba["recal_best_k"] == 0 and ba["beyond_recalibration"] == 0.0  # unmasked: exactly 0
     assert held["mean_gain"] == pytest.approx((-0.05 + 0.04) / 2)
+    assert held["mean_beyond_recalibration"] == pytest.approx(0.01 / 2)
     # A method without fold scores selects with its one score set.
-    h2 = Heldout("g", base, [_pt("all", 10, 0.9, 0.5, 0.7), _pt("all", 100, 0.6, 0.8, 0.7)])
+    h2 = Heldout("gradient", base, [_pt("all", 10, 0.9, 0.5, 0.7), _pt("all", 100, 0.6, 0.8, 0.7)])
     f = protocol.heldout_summary(h2)["folds"]
     assert f[0]["scores"] == "all" and (f[0]["best_k"], f[0]["accuracy"]) == (10, 0.5)
     assert (f[1]["best_k"], f[1]["accuracy"]) == (100, 0.6)
     assert f[0]["at_fixed_k"] is None  # no k = 5000 point
+    # Records without recal_self: k for the recalibrated column is the uncalibrated choice.
+    assert "without recal_self" in f[0]["recal_rule"] and f[0]["recal_best_k"] == 10
+    # k = 0 is a candidate: when every k loses on the selection half, nothing is masked.
+    h3 = Heldout("gradient", base, [_pt("all", 10, 0.5, 0.5, 0.5, own=(0.5, 0.5))])
+    f = protocol.heldout_summary(h3)["folds"]
+    assert [x["best_k"] for x in f] == [0, 0] and [x["gain"] for x in f] == [0.0, 0.0]
+
+
+def test_a_validation_method_without_its_fold_scores_is_an_error_not_a_leak():
+    base = _pt("none", 0, 0.6, 0.6, 0.6)
+    h = Heldout("influence-ekfac", base, [_pt("all", 10, 0.9, 0.9, 0.9),
+                                          _pt("A", 10, 0.7, 0.7, 0.7)])  # fmt: skip
+    with pytest.raises(protocol.MissingFoldScores, match=r"influence-ekfac.*score set 'B'"):
+        protocol.heldout_summary(h)
+    assert protocol.fold_scores(h, "A") == "A"
+    g = Heldout("taylor", base, [_pt("all", 10, 0.9, 0.9, 0.9)])  # taylor uses ∇L_val too
+    with pytest.raises(protocol.MissingFoldScores):
+        protocol.fold_scores(g, "A")
+    assert protocol.fold_scores(Heldout("magnitude", base, []), "A") == "all"
+
+
+@pytest.fixture
+def tiny_split_logits():
+    gen = torch.Generator().manual_seed(3)
+    y = torch.randint(0, 2, (60,), generator=gen)
+    logits = torch.randn(60, 2, generator=gen, dtype=torch.float64)
+    logits[:, 1] -= 1.0  # biased toward class 0: recalibration helps
+    return logits, y, two_fold(y.tolist(), 0)
+
+
+def test_fair_recalibration_of_a_method_that_changes_nothing_is_zero(tiny_split_logits):
+    """Masking that leaves every prediction unchanged scores 0 beyond recalibration, while
+    the old column scores minus the whole recalibration gain; intervals from the predictions."""
+    logits, y, split = tiny_split_logits
+    ev = protocol.measure_logits(logits, y, split)
+    base = protocol._point("none", 0, 0, ev)
+    same = [protocol._point("all", k, k, ev) for k in (10, 100)]
+    h = Heldout("magnitude", base, same, True, encode_rows(y))
+    held = protocol.heldout_summary(h, rows_of={"A": split.a, "B": split.b})
+    for fold in held["folds"]:
+        assert fold["beyond_recalibration"] == 0.0 and fold["recal_best_k"] == 0
+        assert fold["vs_recalibrated_baseline"] == pytest.approx(-(fold["recalibrated"]
+                                                                   - fold["baseline"]))  # fmt: skip
+        ci = fold["beyond_recalibration_ci"]
+        assert (ci["lo"], ci["hi"], ci["mcnemar_p"]) == (0.0, 0.0, 1.0)
+    assert held["mean_gain_ci"]["n"] == len(y)
+    assert any(f["recalibrated"] > f["baseline"] for f in held["folds"])  # the control bites
 
 
 def test_random_summary_means_and_spreads():
@@ -246,3 +303,6 @@ def test_random_summary_means_and_spreads():
     ab = r["folds"][0]
     assert ab["best_k"] == 10 and ab["accuracy"] == pytest.approx(0.6)
     assert r["at_fixed_k"]["draws"] == 2
+    # k = 0 is a candidate: B->A picks no masking (0.6 on B beats 0.6 / 0.6 by the smaller k).
+    ba = r["folds"][1]
+    assert ba["best_k"] == 0 and ba["gain"] == 0.0 and ba["sd"] == 0.0

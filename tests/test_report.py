@@ -331,10 +331,12 @@ def test_share_format() -> None:
 
 def test_overlap_table_and_zero_g(run_dir: Path) -> None:
     rows = table_rows(report.overlap_table(load_run(run_dir)))
-    assert rows == [
-        ["ckpt-60", "40", "100", "10", f"{100 * 30 / 40:.1f} %"],
-        ["ckpt-75", "0", "7", "0", "n/a"],
-    ]
+    chance = f"{100 * (1 - 100 / ANALYSED):.1f} %"  # 1 - B / n
+    kappa = Overlap.of_counts(40, 100, 10, analysed_params=ANALYSED).kappa
+    assert kappa > 0.1  # 10 shared of 40 and 100 among 10.6M: far above chance
+    assert rows[0] == ["ckpt-60", "40", "100", "10", f"{100 * 30 / 40:.1f} %", chance,
+                       f"{kappa:.3f}"]  # fmt: skip
+    assert rows[1][:5] == ["ckpt-75", "0", "7", "0", "n/a"]
 
 
 def test_overlap_with_influence_variants(tmp_path: Path) -> None:
@@ -346,7 +348,8 @@ def test_overlap_with_influence_variants(tmp_path: Path) -> None:
     assert set(ckpt.overlap_variants) == {"influence-ggn"}
     assert ckpt.primary_influence == "influence"
     rows = table_rows(report.overlap_variants_table(run))
-    assert rows == [["ckpt-60", "influence-ggn", "40", "60", "30", "25.0 %"]]
+    assert rows[0][:6] == ["ckpt-60", "influence-ggn", "40", "60", "30", "25.0 %"]
+    assert rows[0][6] == f"{100 * (1 - 60 / ANALYSED):.1f} %"
     doc = run_to_dict(run)["checkpoints"][0]
     assert doc["records"]["overlap-influence-ggn"]["result"]["both"] == 30
     md = render_markdown(run, None, tmp_path)
@@ -623,3 +626,20 @@ def test_reproduce_script_parses_and_uses_only_real_options() -> None:
     assert {"finetune", "analyze", "report"} <= set(used)
     for command, options in used.items():
         assert options <= known[command], (command, sorted(options - known[command]))
+
+
+def test_overlap_agreement_against_chance_by_hand() -> None:
+    from mftx.study.records import Overlap
+
+    # n = 100: G = 40, B = 50, both = 20 -> independent flags by construction.
+    o = Overlap.of_counts(40, 50, 20, analysed_params=100)
+    assert o.false_positive_rate == 0.5 and o.chance_rate == 0.5
+    assert o.kappa == pytest.approx(0.0, abs=1e-12)
+    # Same sets: κ = 1; disjoint halves: κ = -1.
+    assert Overlap.of_counts(50, 50, 50, analysed_params=100).kappa == pytest.approx(1.0)
+    assert Overlap.of_counts(50, 50, 0, analysed_params=100).kappa == pytest.approx(-1.0)
+    # By hand: G = 30, B = 40, both = 25, n = 100: p_o = (25 + 55) / 100, p_e = .3*.4 + .7*.6
+    assert Overlap.of_counts(30, 40, 25, analysed_params=100).kappa == pytest.approx(
+        (0.8 - 0.54) / (1 - 0.54)
+    )
+    assert math.isnan(Overlap.of_counts(30, 40, 25).kappa)  # no n: undefined, not guessed

@@ -11,6 +11,7 @@ from typing import Any, Dict
 import pytest
 from test_cli import workspace  # noqa: F401  (fixture)
 from test_report import (
+    ANALYSED,
     PNG_MAGIC,
     checkpoint_rec,
     make_run,
@@ -44,23 +45,29 @@ from mftx.study.report import (
 # --------------------------------------------------------------------------- hand-made records
 
 
-def _pt(scores, k, a, b, allrows, recal=(0.0, 0.0), shares=(0.5, 0.5)):
+def _pt(scores, k, a, b, allrows, recal=(0.0, 0.0), shares=(0.5, 0.5), own=None):
     rows = {name: RowStats(acc, 0.5, list(shares), 10)
             for name, acc in (("all", allrows), ("A", a), ("B", b))}  # fmt: skip
-    return ProtocolPoint(scores, k, k, rows, {"A->B": recal[0], "B->A": recal[1]})
+    own = {} if own is None else {"A->B": own[0], "B->A": own[1]}
+    return ProtocolPoint(scores, k, k, rows, {"A->B": recal[0], "B->A": recal[1]}, own)
 
 
-BASE = _pt("none", 0, 0.6, 0.6, 0.6, recal=(0.7, 0.65), shares=(0.2, 0.8))
+# own: accuracy on the selection half after its own offset (A for A->B, B for B->A).
+BASE = _pt("none", 0, 0.6, 0.6, 0.6, recal=(0.7, 0.65), shares=(0.2, 0.8), own=(0.7, 0.7))
 
 # Taylor: all-row scores best at k = 10 on all rows (0.95); A-scores best on A at k = 100
 # (0.8) where B is 0.55; B-scores best on B at k = 100 (0.63) where A is 0.64.
+# After the selection half's own offset: A-scores best at k = 10 (0.78 on A; 0.72 on B
+# recalibrated), B-scores at k = 100 (0.71 on B; 0.69 on A recalibrated).
 TAYLOR = Heldout("taylor", BASE, [
     _pt("all", 10, 0.9, 0.9, 0.95, shares=(0.5, 0.5)), _pt("all", 100, 0.6, 0.6, 0.5),
     _pt("all", 5000, 0.5, 0.5, 0.52),
-    _pt("A", 10, 0.7, 0.75, 0.7), _pt("A", 100, 0.8, 0.55, 0.7, recal=(0.66, 0.0)),
-    _pt("A", 5000, 0.4, 0.45, 0.5),
-    _pt("B", 10, 0.61, 0.62, 0.6), _pt("B", 100, 0.64, 0.63, 0.6, recal=(0.0, 0.69)),
-    _pt("B", 5000, 0.42, 0.44, 0.5),
+    _pt("A", 10, 0.7, 0.75, 0.7, recal=(0.72, 0.0), own=(0.78, 0.0)),
+    _pt("A", 100, 0.8, 0.55, 0.7, recal=(0.66, 0.0), own=(0.75, 0.0)),
+    _pt("A", 5000, 0.4, 0.45, 0.5, own=(0.5, 0.0)),
+    _pt("B", 10, 0.61, 0.62, 0.6, own=(0.0, 0.6)),
+    _pt("B", 100, 0.64, 0.63, 0.6, recal=(0.0, 0.69), own=(0.0, 0.71)),
+    _pt("B", 5000, 0.42, 0.44, 0.5, own=(0.0, 0.4)),
 ], True)  # fmt: skip
 
 # Random-k: two draws at k = 10 and 100. Means on A: 0.7 (k=10), 0.65; on B: 0.6, 0.6
@@ -101,8 +108,10 @@ def test_protocol_table_chooses_on_one_half_and_measures_on_the_other(heldout_ru
         "10", "95.0 %", "+35.00",  # reference: best on all rows
         "100", "55.0 %", "-5.00",  # A→B: k from A (0.8), measured on B
         "100", "64.0 %", "+4.00",  # B→A
-        "-0.50", "-8.00",  # mean gain; beyond recalibration ((0.55-0.7) + (0.64-0.65)) / 2
-        "67.5 %",  # masked + recalibrated: (0.66 + 0.69) / 2
+        # mean gain; beyond recalibration, k chosen after the selection half's own offset:
+        # ((0.72 - 0.7) + (0.69 - 0.65)) / 2
+        "-0.50", "+3.00",
+        "70.5 %",  # masked + recalibrated: (0.72 + 0.69) / 2
         "52.0 %", "43.5 %",  # k = 5,000: all rows; mean of 0.45 (A-scores on B), 0.42
     ]  # fmt: skip
     sd = math.sqrt(((0.7 - 0.6) ** 2 + (0.5 - 0.6) ** 2) / 1)  # two draws, n - 1 = 1
@@ -110,15 +119,19 @@ def test_protocol_table_chooses_on_one_half_and_measures_on_the_other(heldout_ru
         "ckpt-60", "random-k (2 draws)", "60.0 %",
         "10", "60.0 ± 0.0 %", "0.00",
         "10", f"60.0 ± {100 * sd:.1f} %", "0.00",
-        "10", f"70.0 ± {100 * sd:.1f} %", "+10.00",
-        "+5.00", "-2.50",  # ((0.6 - 0.7) + (0.7 - 0.65)) / 2
-        "65.0 %",  # ((0.66 + 0.7) / 2 + (0.6 + 0.64) / 2) / 2
+        # B→A: on B the draws' means tie the unmasked model (0.6): k = 0 (no masking) wins.
+        "0", "60.0 ± 0.0 %", "0.00",
+        # beyond recalibration (records without recal_self: the same k): A→B
+        # (0.66 + 0.7) / 2 - 0.7, B→A the unmasked model itself, 0.
+        "0.00", "-1.00",
+        "66.5 %",  # ((0.66 + 0.7) / 2 + 0.65) / 2
         "n/a", "n/a",
     ]  # fmt: skip
     # The rows hold the same numbers as fractions, for CSV and JSON.
     r = heldout_tables.protocol_rows(heldout_run)[0]
     assert r["ab_best_k"] == 100 and r["ab_accuracy"] == 0.55
-    assert r["beyond_recalibration_mean"] == pytest.approx(-0.08)
+    assert r["beyond_recalibration_mean"] == pytest.approx(0.03)
+    assert r["vs_recalibrated_baseline_mean"] == pytest.approx(((0.55 - 0.7) + (0.64 - 0.65)) / 2)
 
 
 def test_gain_at_every_k_by_hand(heldout_run) -> None:
@@ -140,14 +153,16 @@ def test_controls_table(heldout_run) -> None:
     rows = table_rows(heldout_tables.control_table(heldout_run))
     assert rows[:3] == [
         ["ckpt-60", "taylor", "reference (all → all)", "10", "60.0 %", "—", "95.0 %", "—", "—",
-         "80.0 %", "50.0 %"],
-        ["ckpt-60", "taylor", "A→B", "100", "60.0 %", "70.0 %", "55.0 %", "66.0 %", "-15.00",
-         "80.0 %", "50.0 %"],
-        ["ckpt-60", "taylor", "B→A", "100", "60.0 %", "65.0 %", "64.0 %", "69.0 %", "-1.00",
-         "80.0 %", "50.0 %"],
+         "—", "—", "80.0 %", "50.0 %"],
+        # k chosen on A after A's offset (10): 0.72 recalibrated on B, +2.00 beyond the
+        # recalibrated unmasked model; the old column: 0.55 unrecalibrated - 0.70.
+        ["ckpt-60", "taylor", "A→B", "100", "60.0 %", "70.0 %", "55.0 %", "10", "72.0 %",
+         "+2.00", "-15.00", "80.0 %", "50.0 %"],
+        ["ckpt-60", "taylor", "B→A", "100", "60.0 %", "65.0 %", "64.0 %", "100", "69.0 %",
+         "+4.00", "-1.00", "80.0 %", "50.0 %"],
     ]  # fmt: skip
     assert [r[2] for r in rows[3:]] == ["reference (all → all)", "A→B", "B→A"]
-    assert rows[4][1] == "random-k" and rows[4][7] == "68.0 %"  # (0.66 + 0.7) / 2
+    assert rows[4][1] == "random-k" and rows[4][8] == "68.0 %"  # (0.66 + 0.7) / 2
 
 
 def test_split_is_named_with_its_hashes(heldout_run) -> None:
@@ -261,14 +276,19 @@ def test_benchmark_rows(tmp_path: Path) -> None:
     assert benchmark.benchmark_methods(run.checkpoints[0]) == ["influence", "taylor"]
     rows = table_rows(benchmark.benchmark_table(run))
     assert len(rows[0]) == len(benchmark.BENCHMARK_HEADERS)
-    # influence: scored and compared, never swept: gains not measured.
+    # influence: scored and compared, never swept: gains not measured. Its flags against the
+    # gradient rule's: G = 40, B = 100, both = 10 of ANALYSED entries (κ by hand).
+    n = ANALYSED
+    p_o = (10 + (n - 40 - 100 + 10)) / n
+    p_e = (40 / n) * (100 / n) + (1 - 40 / n) * (1 - 100 / n)
+    KAPPA = f"{(p_o - p_e) / (1 - p_e):.3f} (75.0 %; {100 * (1 - 100 / n):.1f} %)"
     assert rows[0] == ["ckpt-60", "influence", "hessian", "0.01", "3", "4", "79.4", "—", "—",
-                       "—", "—", "—", "—", "—", "—", "75.0 %"]  # fmt: skip
+                       "—", "—", "—", "—", "—", "—", KAPPA]  # fmt: skip
     assert rows[1] == ["ckpt-60", "taylor", "—", "—", "—", "—", "2.5", "0.900", "—", "10",
                        "+35.00", "100 / 100", "-0.50", "-8.00", "-16.50", "—"]  # fmt: skip
     # random-k: no scores; at k = 5,000 nothing was measured.
     assert rows[2][:2] == ["ckpt-60", "random-k"] and rows[2][5] == "0"
-    assert rows[2][9:13] == ["10", "0.00", "10 / 10", "+5.00"]
+    assert rows[2][9:13] == ["10", "0.00", "10 / 0", "0.00"]  # B→A: no masking (k = 0) wins
     # Without held-out records there is no benchmark (the plain report stays as it was).
     del files["heldout-taylor"], files["heldout-random"], files["split"]
     plain = load_run(make_run(tmp_path / "plain", {"ckpt-60": files}))
@@ -281,8 +301,11 @@ def test_benchmark_rows(tmp_path: Path) -> None:
 def _seed_ckpt(name: str, seed: int, target: float, d: float, e: float, f: float) -> dict:
     """A checkpoint whose gradient rule gains f (all rows), e (A→B) and d (B→A) at k = 10."""
     info = CheckpointInfo(name, None, target, Baseline(0.6, 0.6), metadata={"seed": seed})
-    base = _pt("none", 0, 0.6, 0.6, 0.6, recal=(0.65, 0.62))
-    h = Heldout("gradient", base, [_pt("all", 10, 0.6 + d, 0.6 + e, 0.6 + f)], True)
+    base = _pt("none", 0, 0.6, 0.6, 0.6, recal=(0.65, 0.62), own=(0.7, 0.7))
+    # Recalibrated, masking keeps half its gain: e / 2 on B, d / 2 on A.
+    point = _pt("all", 10, 0.6 + d, 0.6 + e, 0.6 + f, recal=(0.65 + e / 2, 0.62 + d / 2),
+                own=(0.71, 0.71))  # fmt: skip
+    h = Heldout("gradient", base, [point], True)
     return {"checkpoint": rec("checkpoint", info), "heldout-gradient": rec("heldout", h)}
 
 
@@ -300,7 +323,7 @@ def test_seeds_mean_and_sd_by_hand(tmp_path: Path) -> None:
 
     ref = mean_sd([f for _, _, f in gains])
     held = mean_sd([(d + e) / 2 for d, e, _ in gains])
-    beyond = mean_sd([((0.6 + e - 0.65) + (0.6 + d - 0.62)) / 2 for d, e, _ in gains])
+    beyond = mean_sd([(e / 2 + d / 2) / 2 for d, e, _ in gains])
     infl, grad = seeds.seed_rows(run)  # table order: influence first
     assert grad["seeds"] == [0, 1, 2] and grad["reference_gain_n"] == 3
     assert (grad["reference_gain_mean"], grad["reference_gain_sd"]) == pytest.approx(ref)
@@ -308,11 +331,18 @@ def test_seeds_mean_and_sd_by_hand(tmp_path: Path) -> None:
     assert (grad["beyond_recalibration_mean"], grad["beyond_recalibration_sd"]) == pytest.approx(
         beyond
     )
+    # 95 % Student-t interval over the three seeds: t_{0.975, 2} = 4.3027
+    half = [4.302652729749464 * sd / math.sqrt(3) for _, sd in (ref, held, beyond)]
+    assert (grad["heldout_gain_lo"], grad["heldout_gain_hi"]) == pytest.approx(
+        (held[0] - half[1], held[0] + half[1])
+    )
+
+    def cell(m, h):
+        return f"{100 * m[0]:+.2f} ± {100 * m[1]:.2f} [{100 * (m[0] - h):+.2f}, {100 * (m[0] + h):+.2f}]"
+
     rows = table_rows(seeds.seed_table(run))
-    assert rows[1] == ["60.0 %", "gradient", "3", "0, 1, 2",
-                       f"+{100 * ref[0]:.2f} ± {100 * ref[1]:.2f}",
-                       f"+{100 * held[0]:.2f} ± {100 * held[1]:.2f}",
-                       f"{100 * beyond[0]:+.2f} ± {100 * beyond[1]:.2f}"]  # fmt: skip
+    assert rows[1] == ["60.0 %", "gradient", "3", "0, 1, 2", cell(ref, half[0]),
+                       cell(held, half[1]), cell(beyond, half[2])]  # fmt: skip
     # influence: swept at one of the three checkpoints only (no held-out record).
     assert infl["reference_gain_n"] == 1 and rows[0][4] == "+4.00 ± 0.00 (n = 1)"
     assert rows[0][5] == "n/a"

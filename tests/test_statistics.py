@@ -6,7 +6,9 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
+from mftx.study import statistics
 from mftx.study.statistics import (
     average_ranks,
     bootstrap_interval,
@@ -103,3 +105,59 @@ def test_bootstrap_interval_covers_the_truth_about_as_often_as_it_says() -> None
         lo, hi = bootstrap_interval(np.mean, x, resamples=300, level=0.9, seed=trial)
         hits += lo <= 1.0 <= hi
     assert 0.8 <= hits / 200 <= 0.96
+
+
+# --------------------------------------------------------------- paired accuracy comparisons
+
+
+def test_paired_difference_equals_a_brute_force_bootstrap():
+    rng = np.random.default_rng(5)
+    folds = [(rng.integers(0, 2, 40), rng.integers(0, 2, 40)),
+             (rng.integers(0, 2, 30), rng.integers(0, 2, 30))]  # fmt: skip
+    got = statistics.paired_difference(folds, resamples=300, seed=9)
+    # Brute force: the same generator stream, one resample at a time, fold by fold.
+    gen = np.random.default_rng(9)
+    draws = [gen.integers(0, len(a), size=(300, len(a))) for a, _ in folds]
+    boot = [np.mean([np.mean(a[d[i]] - b[d[i]]) for (a, b), d in zip(folds, draws)])
+            for i in range(300)]  # fmt: skip
+    lo, hi = np.quantile(boot, [0.025, 0.975])
+    want = np.mean([np.mean(a - b) for a, b in folds])
+    assert got["diff"] == pytest.approx(want) and got["n"] == 70
+    assert (got["lo"], got["hi"]) == pytest.approx((lo, hi))
+    assert got["lo"] <= got["diff"] <= got["hi"]
+
+
+def test_paired_difference_of_identical_classifiers_is_exactly_zero():
+    a = np.array([1, 0, 1, 1, 0])
+    got = statistics.paired_difference([(a, a)], resamples=50)
+    assert (got["diff"], got["lo"], got["hi"]) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="at least one fold"):
+        statistics.paired_difference([])
+
+
+def test_mcnemar_exact_by_hand():
+    new = np.array([1] * 7 + [0] * 1 + [1] * 10)
+    old = np.array([0] * 7 + [1] * 1 + [1] * 10)
+    got = statistics.mcnemar(new, old)
+    # b = 7, c = 1: p = 2 * P(X <= 1), X ~ Binomial(8, 1/2) = 2 * 9 / 256
+    assert (got["b"], got["c"]) == (7, 1) and got["p"] == pytest.approx(18 / 256)
+    assert statistics.mcnemar(new, new)["p"] == 1.0
+
+
+def test_t_interval_by_hand():
+    x = [1.0, 2.0, 4.0]
+    got = statistics.t_interval(x)
+    sd = np.std(x, ddof=1)
+    half = 4.302652729749464 * sd / np.sqrt(3)  # t_{0.975, 2}
+    assert (got["mean"], got["lo"], got["hi"]) == pytest.approx((7 / 3, 7 / 3 - half, 7 / 3 + half))
+    assert np.isnan(statistics.t_interval([1.0])["lo"])
+    assert statistics.t_quantile(0.975, 9) == pytest.approx(2.262157, abs=1e-5)
+
+
+def test_per_row_encoding_round_trips_and_refuses_what_does_not_fit():
+    from mftx.study.heldout import decode_rows, encode_rows
+
+    v = torch.tensor([0, 1, 1, 0, 2, 255])
+    assert decode_rows(encode_rows(v)).tolist() == v.tolist()
+    with pytest.raises(ValueError, match=r"0\.\.255"):
+        encode_rows(torch.tensor([256]))

@@ -35,9 +35,13 @@ def _pts(x: Optional[Union[str, float]]) -> str:
 
 
 def _pm(row: Dict[str, str], key: str) -> str:
+    """Mean ± sd across seeds, with the 95 % t-interval where the CSV has one."""
     if not row[f"{key}_sd"]:
         return _pts(row[f"{key}_mean"])
-    return f"{float(row[key + '_mean']) * 100:+.1f} ± {float(row[key + '_sd']) * 100:.1f}"
+    text = f"{float(row[key + '_mean']) * 100:+.1f} ± {float(row[key + '_sd']) * 100:.1f}"
+    if row.get(f"{key}_lo"):
+        text += f" [{_pts(row[key + '_lo'])}, {_pts(row[key + '_hi'])}]"
+    return text
 
 
 def _table(headers: List[str], align: str, body: List[List[str]]) -> List[str]:
@@ -85,8 +89,8 @@ def seeds(d: Path) -> List[str]:
         ]
         for r in _rows(d, "results-seeds.csv")
     ]
-    headers = ["target", "method", "checkpoints", "reference gain", "held-out gain",
-               "beyond recalibration"]  # fmt: skip
+    headers = ["target", "method", "checkpoints", "reference gain ± sd [95 % CI]",
+               "held-out gain ± sd [95 % CI]", "beyond recalibration ± sd [95 % CI]"]  # fmt: skip
     return _table(headers, "--: :-- :-- --: --: --:", body)
 
 
@@ -115,6 +119,16 @@ def _num(x: str, fmt: str = "{:.2f}") -> str:
     return "—" if x in (None, "") else fmt.format(float(x))
 
 
+def _kappa(r: Dict[str, str]) -> str:
+    """Cohen's κ of the gradient rule's flags and the method's, with the share of the flagged
+    that the method does not call beneficial beside what chance gives."""
+    if r.get("kappa") in (None, ""):
+        return "—"
+    rate = _num(r["false_positive_rate"], "{:.0%}").replace("%", " %")
+    chance = _num(r["chance_rate"], "{:.0%}").replace("%", " %")
+    return f"{_num(r['kappa'])} ({rate}; {chance})"
+
+
 def benchmark(d: Path) -> List[str]:
     """The methods benchmark: cost, fidelity and gains of every scoring variant."""
     body = []
@@ -127,11 +141,12 @@ def benchmark(d: Path) -> List[str]:
             _num(r["curvature_products"], "{:.0f}"), _num(r["seconds"], "{:.0f}"),
             _num(r["single_spearman"]), group, _pts(r["in_sample_gain"]), _pts(r["heldout_gain"]),
             f"{_pts(r['in_sample_gain_at_fixed_k'])} / {_pts(r['heldout_gain_at_fixed_k'])}",
-            _num(r["false_positive_rate"], "{:.1%}").replace("%", " %"),
+            _kappa(r),
         ])  # fmt: skip
     headers = ["checkpoint", "method", "curvature products", "seconds", "single-parameter Spearman",
                "group Spearman [95 % CI]", "reference gain", "held-out gain",
-               "gain at k = 5,000 (reference / held-out)", "false-positive rate of the gradient rule"]  # fmt: skip
+               "gain at k = 5,000 (reference / held-out)",
+               "gradient rule vs method: κ (share of G not in B; by chance)"]  # fmt: skip
     return _table(headers, ":-- :-- --: --: --: --: --: --: --: --:", body)
 
 

@@ -29,7 +29,7 @@ from .config import AnalyzeConfig
 from .fidelity import implied_change
 from .groups import GroupFidelity, GroupSample
 from .heldout import RowSplit, two_fold
-from .protocol import SplitInfo, run_random, run_sweeps
+from .protocol import SplitInfo, run_random, run_sweeps, uses_validation
 
 __all__ = ["run"]
 
@@ -79,7 +79,9 @@ def run(ck: Checkpoint, space: ParamSpace, cfg: AnalyzeConfig, scores: Dict[str,
                    split, cfg.progress)  # fmt: skip
     if cfg.group_subsets:
         # Predictions from the selection half A, actual changes on the evaluation half B.
-        chosen = {label: sets.get("A", sets["all"])[0] for label, sets in sets_of.items()}
+        # (methods that do not use the validation gradient have only the all-rows set).
+        chosen = {label: sets["A" if uses_validation(label) else "all"][0]
+                  for label, sets in sets_of.items()}  # fmt: skip
         _group_fidelity(ck, space, cfg, split, chosen)
 
 

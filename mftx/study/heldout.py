@@ -13,6 +13,7 @@ set: accuracy, loss, predicted-class shares, and accuracy after a logit offset
 
 from __future__ import annotations
 
+import base64
 import hashlib
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -21,11 +22,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DevRows", "RowSplit", "best_offset", "row_metrics", "two_fold"]
+__all__ = [
+    "DevRows",
+    "RowSplit",
+    "best_offset",
+    "decode_rows",
+    "encode_rows",
+    "row_metrics",
+    "two_fold",
+]
 
 
 def _digest(indices: Sequence[int]) -> str:
     return hashlib.sha256(",".join(str(int(i)) for i in sorted(indices)).encode()).hexdigest()
+
+
+def encode_rows(values: torch.Tensor) -> str:
+    """Per-row class numbers (0..255) as text for a JSON record: one byte per row, base64."""
+    v = torch.as_tensor(values).reshape(-1)
+    if v.numel() and (int(v.min()) < 0 or int(v.max()) > 255):
+        raise ValueError("per-row values must lie in 0..255 to take one byte each")
+    return base64.b64encode(bytes(v.to(torch.uint8).tolist())).decode("ascii")
+
+
+def decode_rows(text: str) -> torch.Tensor:
+    """The inverse of `encode_rows`: an int64 tensor, one value per row."""
+    return torch.tensor(list(base64.b64decode(text.encode("ascii"), validate=True)),
+                        dtype=torch.int64)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -231,7 +231,9 @@ class Sweep:
 class Overlap:
     """Gradient-flagged count G, influence-beneficial count B, both, and |G \\ B| / |G|.
 
-    The rate is NaN when G is 0.
+    The rate is NaN when G is 0; read it against `chance_rate` (what independent
+    flags would give) and `kappa` (agreement beyond chance): it is not a
+    false-positive rate, since influence is an approximation too.
     """
 
     gradient_flagged: int
@@ -244,6 +246,29 @@ class Overlap:
     @classmethod
     def of_counts(cls, g: int, b: int, both: int, **kw: Any) -> Overlap:
         return cls(g, b, both, (g - both) / g if g else math.nan, **kw)
+
+    @property
+    def chance_rate(self) -> float:
+        """|G \\ B| / |G| if G were drawn independently of B: 1 - B / n (n analysed entries).
+
+        With B about half of the parameters, chance is about 50 %: the rate alone
+        does not say the two rules disagree. NaN without ``analysed_params``.
+        """
+        n = self.analysed_params
+        return 1.0 - self.influence_beneficial / n if n else math.nan
+
+    @property
+    def kappa(self) -> float:
+        """Cohen's κ of the two flags over the n analysed entries (0: chance agreement, 1: the
+        same sets; negative: less agreement than chance). NaN without ``analysed_params`` or
+        when a flag is constant."""
+        n = self.analysed_params
+        if not n:
+            return math.nan
+        g, b, both = self.gradient_flagged, self.influence_beneficial, self.both
+        observed = (both + (n - g - b + both)) / n
+        expected = (g / n) * (b / n) + (1 - g / n) * (1 - b / n)
+        return (observed - expected) / (1 - expected) if expected < 1 else math.nan
 
     def to_json(self) -> Dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}

@@ -6,8 +6,8 @@ damping, solver iterations, curvature products, seconds: ``scores-<method>.json`
 single-parameter fidelity (``fidelity.json``), group fidelity on random subsets
 (``groupfid.json``), in-sample and held-out gain at the best k and at k = 5,000
 (``heldout-<method>.json``, in-sample from ``sweep-<method>.json`` when there is
-no held-out record), and the false-positive rate of the gradient rule against
-the method (``overlap-<method>.json``). Checkpoints without held-out records
+no held-out record), and the agreement of the gradient rule's flags with the
+method's (Cohen's κ, with |G \\ B| / |G| beside its chance level; ``overlap-<method>.json``). Checkpoints without held-out records
 have no rows (their tables are the plain report's).
 """
 
@@ -41,7 +41,7 @@ def _empty(ckpt: str, method: str) -> Dict[str, Any]:
             "single_spearman", "group_spearman", "group_spearman_lo", "group_spearman_hi",
             "in_sample_best_k", "in_sample_gain", "heldout_best_k_ab", "heldout_best_k_ba",
             "heldout_gain", "in_sample_gain_at_fixed_k", "heldout_gain_at_fixed_k",
-            "false_positive_rate")  # fmt: skip
+            "false_positive_rate", "chance_rate", "kappa")  # fmt: skip
     return {"checkpoint": ckpt, "method": method, **dict.fromkeys(keys), "fixed_k": FIXED_K}
 
 
@@ -68,7 +68,7 @@ def _method_row(ckpt: Checkpoint, method: str) -> Dict[str, Any]:
                    in_sample_gain_at_fixed_k=ref["gain_at_fixed_k"])  # fmt: skip
     h = ckpt.heldouts.get(method)
     if h is not None:
-        held = method_summary(h)["heldout"]
+        held = method_summary(h, split=ckpt.split)["heldout"]
         ab, ba = held["folds"]
         row.update(heldout_best_k_ab=ab.get("best_k"), heldout_best_k_ba=ba.get("best_k"),
                    heldout_gain=held["mean_gain"],
@@ -76,6 +76,8 @@ def _method_row(ckpt: Checkpoint, method: str) -> Dict[str, Any]:
     overlap = ckpt.overlaps.get(method)
     if overlap is not None:  # NaN (shown n/a) when the gradient rule flags nothing
         row["false_positive_rate"] = overlap.false_positive_rate
+        row["chance_rate"] = overlap.chance_rate
+        row["kappa"] = overlap.kappa
     return row
 
 
@@ -111,7 +113,7 @@ BENCHMARK_HEADERS = (
     "seconds", "single-parameter Spearman", "group Spearman (random subsets)",
     "in-sample: best k", "in-sample gain", "held-out: best k (A→B / B→A)", "held-out gain (mean)",
     f"in-sample gain at k = {FIXED_K:,}", f"held-out gain at k = {FIXED_K:,} (mean)",
-    "false-positive rate of the gradient rule",
+    "gradient rule vs method: κ (share of G not in B; by chance)",
 )  # fmt: skip
 
 
@@ -139,6 +141,7 @@ def benchmark_table(run: Run) -> str:
             MISSING if ks == (None, None) else " / ".join(fmt_k(k) for k in ks),
             _cell(r["heldout_gain"], fmt_gain), _cell(r["in_sample_gain_at_fixed_k"], fmt_gain),
             _cell(r["heldout_gain_at_fixed_k"], fmt_gain),
-            _cell(r["false_positive_rate"], fmt_rate),
+            _cell(r["kappa"], lambda x, r=r: f"{fmt_corr(x)} ({fmt_rate(r['false_positive_rate'])}; "
+                  f"{fmt_rate(r['chance_rate'])})"),
         ])  # fmt: skip
     return markdown_table(BENCHMARK_HEADERS, body, left=2)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import statistics as pystats
 from typing import Any, Dict, List, Optional
 
-from ..protocol import Heldout, _fold_sets
+from ..protocol import Heldout, fold_scores
 from .cells import fmt_gain
 from .heldout_tables import _fold_key
 from .load import Checkpoint, Run
@@ -50,7 +50,7 @@ def _method_rows(ckpt: Checkpoint, method: str) -> List[Dict[str, Any]]:
         row["reference_gain"] = None if ref is None else ref - base["all"]
         folds = []
         for name, sel, ev in FOLDS:
-            acc = _accuracy(h, "*" if method == RANDOM else _fold_sets(h, sel), k, ev)
+            acc = _accuracy(h, "*" if method == RANDOM else fold_scores(h, sel), k, ev)
             gain = None if acc is None else acc - base[ev]
             row[f"{_fold_key(name)}_gain"] = gain
             if gain is not None:

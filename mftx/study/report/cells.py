@@ -16,6 +16,7 @@ __all__ = [
     "defined",
     "fmt_ci",
     "fmt_gain",
+    "fmt_gain_ci",
     "fmt_k",
     "fmt_loss",
     "fmt_pm",
@@ -36,6 +37,14 @@ def defined(x: Any) -> bool:
 def fmt_gain(x: Optional[float]) -> str:
     """A difference of accuracies (fractions) in signed accuracy points: 0.0345 → ``+3.45``."""
     return fmt_points(100.0 * x if defined(x) else None)
+
+
+def fmt_gain_ci(x: Optional[float], ci: Optional[Dict[str, Any]]) -> str:
+    """A gain with its 95 % interval in accuracy points: ``+1.23 [-0.40, +2.86]`` (no interval:
+    as `fmt_gain`); `ci` has ``lo`` and ``hi`` (fractions)."""
+    if not defined(x) or not ci or not (defined(ci.get("lo")) and defined(ci.get("hi"))):
+        return fmt_gain(x)
+    return f"{fmt_gain(x)} [{fmt_gain(ci['lo'])}, {fmt_gain(ci['hi'])}]"
 
 
 def fmt_k(k: Optional[int]) -> str:

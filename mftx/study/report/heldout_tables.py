@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, Dict, List
 
 from ..protocol import FIXED_K
-from .cells import fmt_gain, fmt_k, fmt_pm, fmt_positive, pick, positive_share
+from .cells import fmt_gain, fmt_gain_ci, fmt_k, fmt_pm, fmt_positive, pick, positive_share
 from .load import Run
 from .summaries import RANDOM, method_summary, protocol_methods, random_control
 from .tables import MISSING, fmt_accuracy, fmt_count, markdown_table
@@ -48,12 +48,21 @@ def _row(ckpt: str, method: str, draws: Any, ref: Dict[str, Any], folds: List[Di
     return {**row, "fixed_k": FIXED_K, **means}
 
 
+def _ci(ci: Any, key: str) -> Dict[str, Any]:
+    """The interval's ends and McNemar's p as row cells ``<key>_lo``, ``_hi``, ``_p``."""
+    ci = ci or {}
+    return {f"{key}_lo": ci.get("lo"), f"{key}_hi": ci.get("hi"), f"{key}_p": ci.get("mcnemar_p")}
+
+
 def _method_row(ckpt: str, s: Dict[str, Any]) -> Dict[str, Any]:
     ref, held = s["reference"], s["heldout"]
     return _row(
         ckpt, s["method"], None, ref, held["folds"],
-        heldout_mean_gain=held["mean_gain"],
+        **_ci(ref.get("gain_ci"), "reference_gain"),
+        heldout_mean_gain=held["mean_gain"], **_ci(held["mean_gain_ci"], "heldout_mean_gain"),
         beyond_recalibration_mean=held["mean_beyond_recalibration"],
+        **_ci(held["mean_beyond_recalibration_ci"], "beyond_recalibration_mean"),
+        vs_recalibrated_baseline_mean=held["mean_vs_recalibrated_baseline"],
         masked_recalibrated_mean=held["mean_masked_recalibrated"],
         reference_at_fixed_k=ref["at_fixed_k"], reference_at_fixed_k_sd=None,
         heldout_at_fixed_k_mean=held["mean_at_fixed_k"],
@@ -63,8 +72,11 @@ def _method_row(ckpt: str, s: Dict[str, Any]) -> Dict[str, Any]:
 def _random_row(ckpt: str, r: Dict[str, Any]) -> Dict[str, Any]:
     return _row(
         ckpt, RANDOM, r["draws"], r["reference"] or {"baseline": r["baseline"]}, r["folds"],
-        heldout_mean_gain=r["mean_gain"],
+        **_ci(None, "reference_gain"),
+        heldout_mean_gain=r["mean_gain"], **_ci(None, "heldout_mean_gain"),
         beyond_recalibration_mean=r["mean_beyond_recalibration"],
+        **_ci(None, "beyond_recalibration_mean"),
+        vs_recalibrated_baseline_mean=r["mean_vs_recalibrated_baseline"],
         masked_recalibrated_mean=r["mean_masked_recalibrated"],
         reference_at_fixed_k=pick(r["fixed"], "mean"), reference_at_fixed_k_sd=pick(r["fixed"], "sd"),
         heldout_at_fixed_k_mean=r["fixed_heldout"],
@@ -76,7 +88,7 @@ def protocol_rows(run: Run) -> List[Dict[str, Any]]:
     rows = []
     for ckpt in run.checkpoints:
         for m in protocol_methods(ckpt):
-            rows.append(_method_row(ckpt.name, method_summary(ckpt.heldouts[m])))
+            rows.append(_method_row(ckpt.name, method_summary(ckpt.heldouts[m], split=ckpt.split)))
         if RANDOM in ckpt.heldouts:
             rows.append(_random_row(ckpt.name, random_control(ckpt.heldouts[RANDOM])))
     return rows
@@ -87,7 +99,8 @@ PROTOCOL_HEADERS = (
     "reference: best k", "reference: accuracy", "reference: gain",
     "A→B: best k", "A→B: accuracy on B", "A→B: gain",
     "B→A: best k", "B→A: accuracy on A", "B→A: gain",
-    "held-out gain (mean)", "beyond recalibration (mean)", "masked + recalibrated (mean)",
+    "held-out gain (mean) [95 % CI]", "beyond recalibration (mean) [95 % CI]",
+    "masked + recalibrated (mean)",
     f"k = {FIXED_K:,}: reference", f"k = {FIXED_K:,}: held-out (mean)",
 )  # fmt: skip
 
@@ -96,6 +109,11 @@ def _method_label(row: Dict[str, Any]) -> str:
     if row["method"] == RANDOM:
         return f"random-k ({row['draws']} draws)"
     return row["method"]
+
+
+def _gain_cell(row: Dict[str, Any], key: str, value: Any) -> str:
+    lo, hi = row.get(f"{key}_lo"), row.get(f"{key}_hi")
+    return fmt_gain_ci(value, None if lo is None else {"lo": lo, "hi": hi})
 
 
 def protocol_table(run: Run) -> str:
@@ -108,11 +126,12 @@ def protocol_table(run: Run) -> str:
         cells = [r["checkpoint"], _method_label(r), fmt_accuracy(r["baseline"]),
                  fmt_k(r["reference_best_k"]),
                  fmt_pm(r["reference_accuracy"], r["reference_accuracy_sd"]),
-                 fmt_gain(r["reference_gain"])]  # fmt: skip
+                 _gain_cell(r, "reference_gain", r["reference_gain"])]  # fmt: skip
         for key in ("ab", "ba"):
             acc = fmt_pm(r[f"{key}_accuracy"], r[f"{key}_accuracy_sd"])
             cells += [fmt_k(r[f"{key}_best_k"]), acc, fmt_gain(r[f"{key}_gain"])]
-        cells += [fmt_gain(r["heldout_mean_gain"]), fmt_gain(r["beyond_recalibration_mean"]),
+        cells += [_gain_cell(r, "heldout_mean_gain", r["heldout_mean_gain"]),
+                  _gain_cell(r, "beyond_recalibration_mean", r["beyond_recalibration_mean"]),
                   fmt_accuracy(r["masked_recalibrated_mean"]),
                   fmt_pm(r["reference_at_fixed_k"], r["reference_at_fixed_k_sd"]),
                   fmt_accuracy(r["heldout_at_fixed_k_mean"])]  # fmt: skip
@@ -130,7 +149,12 @@ def _control(ckpt: str, method: str, protocol: str, fold: Dict[str, Any], **kw) 
         "best_k": fold.get("best_k"), "unmasked": fold.get("baseline"),
         "recalibrated": fold.get("recalibrated"), "masked": fold.get("accuracy"),
         "masked_sd": kw.get("sd"), "masked_recalibrated": fold.get("masked_recalibrated"),
+        "recal_best_k": fold.get("recal_best_k"),
         "beyond_recalibration": fold.get("beyond_recalibration"),
+        "beyond_recalibration_lo": (fold.get("beyond_recalibration_ci") or {}).get("lo"),
+        "beyond_recalibration_hi": (fold.get("beyond_recalibration_ci") or {}).get("hi"),
+        "beyond_recalibration_p": (fold.get("beyond_recalibration_ci") or {}).get("mcnemar_p"),
+        "vs_recalibrated_baseline": fold.get("vs_recalibrated_baseline"),
         "positive_before": positive_share(before), "positive_after": positive_share(after),
         "shares_before": before, "shares_after": after,
     }  # fmt: skip
@@ -145,7 +169,7 @@ def control_rows(run: Run) -> List[Dict[str, Any]]:
     rows = []
     for ckpt in run.checkpoints:
         for m in protocol_methods(ckpt):
-            s = method_summary(ckpt.heldouts[m])
+            s = method_summary(ckpt.heldouts[m], split=ckpt.split)
             rows.append(_control(ckpt.name, m, "reference", s["reference"]))
             for fold in s["heldout"]["folds"]:
                 rows.append(_control(ckpt.name, m, fold["fold"], fold))
@@ -160,7 +184,8 @@ def control_rows(run: Run) -> List[Dict[str, Any]]:
 
 CONTROL_HEADERS = (
     "checkpoint", "method", "protocol", "best k", "unmasked", "recalibrated alone", "masked",
-    "masked + recalibrated", "gain beyond recalibration", "positive share before",
+    "k chosen after recalibration", "masked + recalibrated", "beyond recalibration [95 % CI]",
+    "masked − recalibrated unmasked (old column)", "positive share before",
     "positive share after",
 )  # fmt: skip
 
@@ -178,8 +203,11 @@ def control_table(run: Run) -> str:
         body.append([
             r["checkpoint"], method, protocol, fmt_k(r["best_k"]), fmt_accuracy(r["unmasked"]),
             recal, fmt_pm(r["masked"], r["masked_sd"]),
+            fmt_k(r["recal_best_k"]) if r["protocol"] != "reference" else MISSING,
             fmt_accuracy(r["masked_recalibrated"]) if r["protocol"] != "reference" else MISSING,
-            fmt_gain(r["beyond_recalibration"]) if r["protocol"] != "reference" else MISSING,
+            _gain_cell(r, "beyond_recalibration", r["beyond_recalibration"])
+            if r["protocol"] != "reference" else MISSING,
+            fmt_gain(r["vs_recalibrated_baseline"]) if r["protocol"] != "reference" else MISSING,
             fmt_positive(r["shares_before"]), fmt_positive(r["shares_after"]),
         ])  # fmt: skip
     return markdown_table(CONTROL_HEADERS, body, left=3)

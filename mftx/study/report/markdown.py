@@ -80,8 +80,10 @@ def render_markdown(run: Run, plots: Optional[List[Path]], root: Path) -> str:
         + masking_table(run),
         *section_parts(run, "masking", plots),
         "## Overlap of gradient-flagged and influence-beneficial parameters\n\n"
-        "False-positive rate |G \\ B| / |G|: share of the gradient-flagged parameters (G) "
-        "that influence does not call beneficial (B); n/a when G is 0.\n\n"
+        "Share of the gradient-flagged parameters (G) that influence does not call "
+        "beneficial (B), n/a when G is 0, beside the same share for flags drawn "
+        "independently (1 − B / n), and Cohen's κ of the two flags (0: chance agreement). "
+        "Influence is an approximation too: this is agreement, not a false-positive rate.\n\n"
         + overlap_table(run)
         + _variants_section(run),
         "## Fidelity of predicted loss changes\n\n"

@@ -80,10 +80,14 @@ HELDOUT_INTRO = (
     "Reference protocol: scores (validation gradient), best k and accuracy all on the full "
     "dev set. Held-out protocol, seeded two-fold cross-fitting: on half A the validation "
     "gradient, the scores that need it and the best k are chosen and accuracy is measured "
-    "on half B (A→B); then B→A. Gains are against the unmasked model on the same rows; "
-    "gain beyond recalibration is against the unmasked model with the one logit offset "
-    "that is best on the selection half (the recalibration control); masked + recalibrated "
-    "applies that control to the masked model. The random-k control masks k uniformly "
+    "on half B (A→B); then B→A. k = 0 (no masking) is always a candidate. Gains are "
+    "against the unmasked model on the same rows. Beyond recalibration (fair): k chosen on "
+    "the selection half by its accuracy after its own logit offset, then (masked + offset) "
+    "− (unmasked + offset) on the evaluation half, both offsets from the selection half; a "
+    "method that changes nothing scores 0. Records without the selection half's "
+    "recalibrated accuracy (written before it was recorded) take the uncalibrated k. "
+    "Brackets: 95 % paired bootstrap intervals over the evaluation rows (records with "
+    "per-row predictions). The random-k control masks k uniformly "
     "random analysed parameters (mean ± sd over draws; its best k is chosen on the mean). "
     "Methods without a validation gradient (gradient rule, magnitude) have one score set; "
     "only their k is chosen per fold. The rows of each half are in `split.json` "
@@ -91,10 +95,14 @@ HELDOUT_INTRO = (
 )
 CONTROLS_INTRO = (
     "Recalibration alone (the unmasked model with the logit offset chosen on the selection "
-    "half, measured on the evaluation half) against masking at the held-out best k, "
-    "and the share of dev rows predicted positive (class 1) before and after masking at "
-    "each protocol's best k. The reference protocol has no recalibration control: its "
-    "offset would be chosen on the rows it is measured on."
+    "half, measured on the evaluation half) against masking at the held-out best k; the "
+    "k chosen after recalibration and the masked model with its own offset; beyond "
+    "recalibration = (masked + offset) − (unmasked + offset), with its paired bootstrap "
+    "interval where the record has per-row predictions; the old column (masked without an "
+    "offset − the recalibrated unmasked model) for comparison; and the share of dev rows "
+    "predicted positive (class 1) before and after masking at each protocol's best k. The "
+    "reference protocol has no recalibration control: its offset would be chosen on the "
+    "rows it is measured on."
 )
 BYK_INTRO = (
     'Gain at every k of the sweep, "reference / held-out" in accuracy points: the '
@@ -106,8 +114,9 @@ BYK_INTRO = (
 SEEDS_INTRO = (
     "Checkpoints with the same target accuracy from different fine-tuning seeds: mean ± "
     "sample sd across them of the reference gain, the held-out gain (mean of the folds) "
-    "and the gain beyond recalibration, in accuracy points ((n = …): checkpoints that "
-    "have the measure, when fewer than all)."
+    "and the gain beyond recalibration, in accuracy points, with the 95 % Student-t "
+    "interval across the checkpoints in brackets ((n = …): checkpoints that have the "
+    "measure, when fewer than all)."
 )
 GROUPFID_INTRO = (
     "Subsets of k analysed parameters zeroed at once, actual change of loss measured on "
@@ -120,8 +129,10 @@ BENCHMARK_INTRO = (
     "Every scoring variant of each checkpoint with held-out records: curvature products "
     "(Hessian- or GGN-vector products) and seconds of the scores from all dev rows, "
     "single-parameter and group fidelity (Spearman), gain at the best k and at "
-    "k = 5,000 under both protocols, and the false-positive rate of the gradient rule "
-    "against the method. — : not run or not recorded."
+    "k = 5,000 under both protocols, and how the gradient rule's flags agree with the "
+    "method's: Cohen's κ (0 = chance), with the share of the gradient-flagged set the "
+    "method does not call beneficial beside what independent flags would give. — : not "
+    "run or not recorded."
 )
 LOCATION_INTRO = (
     "Each method's largest top-k set and its flagged set: enrichment (share of the set / "

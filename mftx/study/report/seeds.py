@@ -5,14 +5,16 @@ experiment from different fine-tuning seeds (``metadata["seed"]``). For each
 target reached by at least two checkpoints and each method: the reference gain
 (`mftx.study.report.summaries.in_sample`), the held-out gain (mean of the two folds)
 and the gain beyond recalibration (mean of the two folds), each as mean ± sample
-sd across the checkpoints, with how many checkpoints had it.
+sd across the checkpoints and its 95 % Student-t interval (``_lo``, ``_hi``; the
+checkpoints are independent fine-tuning runs), with how many checkpoints had it.
 """
 
 from __future__ import annotations
 
 from typing import Any, Dict, List, Optional
 
-from .cells import fmt_pm_gain
+from ..statistics import t_interval
+from .cells import fmt_gain, fmt_pm_gain
 from .load import Checkpoint, Run, order_methods
 from .summaries import RANDOM, in_sample, mean_sd, method_summary, random_control
 from .tables import fmt_accuracy, markdown_table
@@ -45,10 +47,14 @@ def _measures(ckpt: Checkpoint, method: str) -> Dict[str, Optional[float]]:
            "beyond_recalibration": None}  # fmt: skip
     h = ckpt.heldouts.get(method)
     if h is not None:
-        held = method_summary(h)["heldout"]
+        held = method_summary(h, split=ckpt.split)["heldout"]
         out.update(heldout_gain=held["mean_gain"],
                    beyond_recalibration=held["mean_beyond_recalibration"])  # fmt: skip
     return out
+
+
+def _finite(x: float) -> Optional[float]:
+    return None if x != x else x  # NaN (fewer than two values): no interval
 
 
 def seed_rows(run: Run) -> List[Dict[str, Any]]:
@@ -67,20 +73,24 @@ def seed_rows(run: Run) -> List[Dict[str, Any]]:
             }  # fmt: skip
             for key in MEASURES:
                 stats = mean_sd([v[key] for v in values])
+                ci = t_interval([v[key] for v in values])
                 row.update({f"{key}_mean": stats["mean"], f"{key}_sd": stats["sd"],
-                            f"{key}_n": stats["n"]})  # fmt: skip
+                            f"{key}_n": stats["n"], f"{key}_lo": _finite(ci["lo"]),
+                            f"{key}_hi": _finite(ci["hi"])})  # fmt: skip
             rows.append(row)
     return rows
 
 
 SEED_HEADERS = (
-    "target", "method", "checkpoints", "seeds", "reference gain", "held-out gain",
-    "beyond recalibration",
+    "target", "method", "checkpoints", "seeds", "reference gain ± sd [95 % t-interval]",
+    "held-out gain ± sd [95 % t-interval]", "beyond recalibration ± sd [95 % t-interval]",
 )  # fmt: skip
 
 
 def _cell(row: Dict[str, Any], key: str) -> str:
     text = fmt_pm_gain(row[f"{key}_mean"], row[f"{key}_sd"])
+    if row[f"{key}_lo"] is not None:
+        text += f" [{fmt_gain(row[f'{key}_lo'])}, {fmt_gain(row[f'{key}_hi'])}]"
     n = row[f"{key}_n"]
     return text if n == len(row["checkpoints"]) or n == 0 else f"{text} (n = {n})"
 

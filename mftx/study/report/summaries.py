@@ -15,6 +15,7 @@ import math
 import statistics as pystats
 from typing import Any, Dict, List, Optional, Sequence
 
+from ..heldout import RowSplit
 from ..protocol import (
     FIXED_K,
     Heldout,
@@ -59,7 +60,12 @@ def mean_sd(values: Sequence[Optional[float]]) -> Dict[str, Any]:
             "n": len(ok)}  # fmt: skip
 
 
-def method_summary(h: Heldout, fixed_k: int = FIXED_K) -> Dict[str, Any]:
+def _rows_of(split: Optional[RowSplit]) -> Optional[Dict[str, Sequence[int]]]:
+    return None if split is None else {"A": split.a, "B": split.b}
+
+
+def method_summary(h: Heldout, fixed_k: int = FIXED_K,
+                   split: Optional[RowSplit] = None) -> Dict[str, Any]:  # fmt: skip
     """Both protocols of one method.
 
     ``reference``: `mftx.study.protocol.reference_summary` plus the predicted-class
@@ -67,13 +73,13 @@ def method_summary(h: Heldout, fixed_k: int = FIXED_K) -> Dict[str, Any]:
     `mftx.study.protocol.heldout_summary` plus the means over folds of the held-out
     accuracy, of the masked-and-recalibrated accuracy and of the accuracy at
     `fixed_k`; ``class_shift``: total variation of the predicted-class shares
-    at the reference best k.
+    at the reference best k. `split` (the checkpoint's) adds the paired intervals.
     """
     ref = reference_summary(h, fixed_k)
     ref["share_before"] = h.baseline.rows["all"].predicted_share
     best = h.curve("all").get(ref["best_k"]) if ref["best_k"] is not None else None
     ref["share_after"] = None if best is None else best.rows["all"].predicted_share
-    held = heldout_summary(h, fixed_k)
+    held = heldout_summary(h, fixed_k, _rows_of(split))
     held.update(_mean_of(held["folds"], ("accuracy", "masked_recalibrated", "at_fixed_k")))
     return {"method": h.method, "reference": ref, "heldout": held, "class_shift": class_shift(h)}
 
@@ -87,11 +93,15 @@ def _mean_shares(shares: List[List[float]]) -> Optional[List[float]]:
 def random_control(h: Heldout, fixed_k: int = FIXED_K) -> Dict[str, Any]:
     """The random-k control: `mftx.study.protocol.random_summary` with the controls of each fold.
 
-    Each fold (best k chosen on the selection half by the mean over draws) also
-    gets ``recalibrated`` (the unmasked model recalibrated), ``beyond_recalibration``,
-    ``masked_recalibrated`` (mean over draws), and the predicted-class shares
-    before and after (mean over draws); ``reference`` gets the sd over draws and
-    the accuracy at `fixed_k` (mean and sd over draws, on all rows).
+    Each fold (best k chosen on the selection half by the mean over draws, k = 0
+    a candidate) also gets ``recalibrated`` (the unmasked model recalibrated), the
+    predicted-class shares before and after (mean over draws), and the fair
+    recalibration control: ``recal_best_k`` chosen by the mean over draws of the
+    selection half's accuracy after its own offset (k = 0 a candidate),
+    ``masked_recalibrated`` (mean over draws at that k) and ``beyond_recalibration``
+    (that minus the recalibrated unmasked model); ``vs_recalibrated_baseline`` is
+    the older, lopsided difference. ``reference`` gets the sd over draws and the
+    accuracy at `fixed_k` (mean and sd over draws, on all rows).
     """
     r = random_summary(h, fixed_k)
     for fold, (name, _, ev) in zip(r["folds"], FOLDS):
@@ -100,11 +110,23 @@ def random_control(h: Heldout, fixed_k: int = FIXED_K) -> Dict[str, Any]:
         k = fold.get("best_k")
         if k is None:
             continue
-        pts = [p for p in h.points if p.k == k]
-        fold["beyond_recalibration"] = fold["accuracy"] - fold["recalibrated"]
-        fold["masked_recalibrated"] = pystats.fmean(p.recal[name] for p in pts)
-        fold["share_after"] = _mean_shares([p.rows[ev].predicted_share for p in pts])
-    r.update(_mean_of(r["folds"], ("beyond_recalibration", "accuracy", "masked_recalibrated")))
+        by_k: Dict[int, List[Any]] = {0: [h.baseline]}
+        for p in h.points:
+            by_k.setdefault(p.k, []).append(p)
+        fold["vs_recalibrated_baseline"] = fold["accuracy"] - fold["recalibrated"]
+        fold["share_after"] = _mean_shares([p.rows[ev].predicted_share for p in by_k[k]])
+        if all(name in p.recal_self for p in [h.baseline, *h.points]):
+            own = {kk: pystats.fmean(p.recal_self[name] for p in pts) for kk, pts in by_k.items()}
+            rk = min(own, key=lambda kk: (-own[kk], kk))
+            fold["recal_rule"] = "recalibrated accuracy on the selection half"
+        else:
+            rk = k
+            fold["recal_rule"] = "accuracy on the selection half (record without recal_self)"
+        fold["recal_best_k"] = rk
+        fold["masked_recalibrated"] = pystats.fmean(p.recal[name] for p in by_k[rk])
+        fold["beyond_recalibration"] = fold["masked_recalibrated"] - fold["recalibrated"]
+    r.update(_mean_of(r["folds"], ("beyond_recalibration", "vs_recalibrated_baseline",
+                                   "accuracy", "masked_recalibrated")))  # fmt: skip
     ref = r["reference"]
     if ref is not None:
         ref["baseline"] = h.baseline.rows["all"].accuracy

@@ -203,30 +203,34 @@ OVERLAP_HEADERS = (
     "gradient detrimental (G)",
     "influence beneficial (B)",
     "both",
-    "false-positive rate",
+    "share of G not in B",
+    "the same by chance",
+    "Cohen's κ",
 )
 
 
 def overlap_table(run: Run) -> str:
-    """Markdown overlap table; the false-positive rate is ``n/a`` when G is 0."""
+    """Markdown overlap table; the rate is ``n/a`` when G is 0, chance and κ without n."""
     rows = []
     for ckpt in run.checkpoints:
         o = ckpt.overlap
         if o is None:
-            rows.append([ckpt.name, "(missing)", MISSING, MISSING, MISSING])
+            rows.append([ckpt.name, "(missing)", *[MISSING] * (len(OVERLAP_HEADERS) - 2)])
             continue
         rows.append([ckpt.name, *_overlap_cells(o)])
     return markdown_table(OVERLAP_HEADERS, rows)
 
 
 def _overlap_cells(o: Overlap) -> List[str]:
-    """G, B, both and the false-positive rate (``n/a`` when G is 0), formatted."""
+    """G, B, both, |G \\ B| / |G| (``n/a`` when G is 0), its chance level and Cohen's κ."""
     fpr = o.false_positive_rate if o.gradient_flagged > 0 else None
     return [
         fmt_count(o.gradient_flagged),
         fmt_count(o.influence_beneficial),
         fmt_count(o.both),
         fmt_rate(fpr),
+        fmt_rate(o.chance_rate),
+        fmt_corr(o.kappa),
     ]
 
 
@@ -236,7 +240,9 @@ OVERLAP_VARIANT_HEADERS = (
     "gradient detrimental (G)",
     "influence beneficial (B)",
     "both",
-    "false-positive rate",
+    "share of G not in B",
+    "the same by chance",
+    "Cohen's κ",
 )
 
 
