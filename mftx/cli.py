@@ -127,7 +127,8 @@ def _analyze_config(args: argparse.Namespace):
         hvp_batches=args.hvp_batches, hvp_mode=args.hvp_mode,
         cache_graphs=not args.no_cache_graphs, fidelity_samples=args.fidelity_samples,
         fidelity_dtype=args.fidelity_dtype, heldout=args.heldout, split_seed=args.split_seed,
-        random_draws=args.random_draws, group_subsets=args.group_subsets, group_ks=args.group_ks,
+        random_draws=args.random_draws, fresh_rows=args.fresh_rows, fresh_seed=args.fresh_seed,
+        group_subsets=args.group_subsets, group_ks=args.group_ks,
         group_flagged=args.group_flagged, group_quadratic=args.group_quadratic,
         location_ks=args.location_ks, spectrum_steps=args.spectrum_steps,
         spectrum_probes=args.spectrum_probes, progress=not args.no_progress,
@@ -357,6 +358,12 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--split-seed", type=int, default=0, help="seed of the two-fold dev split")
     p.add_argument("--random-draws", type=int, default=0, help="random-k control draws")
+    p.add_argument(
+        "--fresh-rows", type=int, default=0,
+        help="fresh test set: this many SST-2 training rows the checkpoint was not fine-tuned "
+        "on; choices made on dev are measured there once (0: none)",
+    )  # fmt: skip
+    p.add_argument("--fresh-seed", type=int, default=0, help="seed of the fresh rows' draw")
     p.add_argument(
         "--group-subsets", type=int, default=0, help="group fidelity: random subsets per k"
     )

@@ -45,7 +45,8 @@ from . import crossfit, parallel
 from .checkpoint import Checkpoint
 from .config import AnalyzeConfig, parse_method
 from .fidelity import run_fidelity
-from .heldout import RowSplit
+from .fresh import run_fresh, unused_rows
+from .heldout import DevRows, RowSplit
 from .location import Location, location_table, space_table
 from .records import Baseline, CheckpointInfo, Overlap, RunIndex, ScoresInfo, Sweep, SweepPoint
 from .stages import digest_batches, digest_tensors
@@ -137,6 +138,23 @@ def _analyze_checkpoint(ck: Checkpoint, cfg: AnalyzeConfig) -> None:
         _location(ck, space, label, s, digests[label], cfg.location_ks)
     if cfg.heldout:
         crossfit.run(ck, space, cfg, scores, digests, partial(_scores, ck, space, spectra=spectra))
+    if cfg.fresh_rows:
+        _fresh(ck, space, cfg, scores, digests)
+
+
+def _fresh(ck: Checkpoint, space: ParamSpace, cfg: AnalyzeConfig, scores: Dict[str, Scores],
+           digests: Dict[str, str]) -> None:  # fmt: skip
+    """The fresh test set: choices on dev (all-rows scores), measured on unused training rows."""
+    examples, rows = unused_rows(cfg.data, ck.meta, cfg.fresh_rows, cfg.fresh_seed)
+    fresh = DevRows(examples, ck.tok, cfg.eval_batch_size, cfg.max_length)
+    settings = {"data": ck.eval_settings, "rows": cfg.fresh_rows, "draw_seed": cfg.fresh_seed,
+                "ks": sorted(set(cfg.ks))}  # fmt: skip
+    k_max = max(cfg.ks)
+    for label, s in scores.items():
+        inputs = ck.dev_inputs(scores=digests[label], fresh=digest_batches(fresh.batches))
+        stage = ck.stage("fresh", label, settings, inputs)
+        run_fresh(stage, space, ck.model, ck.rows, fresh, rows, cfg.fresh_seed,
+                  {label: s.candidates(k_max)}, cfg.ks, cfg.progress)  # fmt: skip
 
 
 def _curvatures(cfg: AnalyzeConfig) -> List[str]:

@@ -74,6 +74,13 @@ class AnalyzeConfig:
     random_draws: int = help_field(
         "held-out: draws of the random-k control (k random analysed parameters; 0: none)", 0
     )
+    fresh_rows: int = help_field(
+        "fresh test set: SST-2 training rows the checkpoint was not fine-tuned on, drawn "
+        "seeded; every choice (scores, k, offsets) is made on dev and measured there once "
+        "(0: none)",
+        0,
+    )
+    fresh_seed: int = help_field("seed of the fresh test rows' draw", 0)
     group_subsets: int = help_field(
         "held-out: random subsets per k for group fidelity (0: no group fidelity)", 0
     )
@@ -115,7 +122,8 @@ class AnalyzeConfig:
                 f"spectrum_steps must be 0 (none) or >= 2 and spectrum_probes >= 1, got "
                 f"{self.spectrum_steps} and {self.spectrum_probes}"
             )
-        for name in ("random_draws", "group_subsets", "group_flagged", "group_quadratic"):
+        for name in ("random_draws", "group_subsets", "group_flagged", "group_quadratic",
+                     "fresh_rows"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.heldout:

@@ -11,15 +11,18 @@ from typing import Any, Dict, List
 
 from ..protocol import FIXED_K
 from .cells import fmt_gain, fmt_gain_ci, fmt_k, fmt_pm, fmt_positive, pick, positive_share
-from .load import Run
+from .load import Run, order_methods
 from .summaries import RANDOM, method_summary, protocol_methods, random_control
 from .tables import MISSING, fmt_accuracy, fmt_count, markdown_table
 
 __all__ = [
     "CONTROL_HEADERS",
+    "FRESH_HEADERS",
     "PROTOCOL_HEADERS",
     "control_rows",
     "control_table",
+    "fresh_rows",
+    "fresh_table",
     "protocol_rows",
     "protocol_table",
     "split_lines",
@@ -227,3 +230,50 @@ def split_lines(run: Run) -> List[str]:
             f"(sha256 {d['sha256_b'][:12]}…) of {fmt_count(split.n)}"
         )
     return lines
+
+
+# --------------------------------------------------------------------------- fresh test set
+
+
+def fresh_rows(run: Run) -> List[Dict[str, Any]]:
+    """Per checkpoint and method: dev-chosen masking measured once on the fresh rows."""
+    rows = []
+    for ckpt in run.checkpoints:
+        for m in order_methods(ckpt.fresh):
+            s = ckpt.fresh[m].summary(m)
+            row: Dict[str, Any] = {
+                "checkpoint": ckpt.name, "method": m, "rows": s["rows"],
+                "unmasked": s["baseline"], "best_k": s["best_k"], "masked": s["accuracy"],
+                "recal_best_k": s["recal_best_k"],
+                "masked_recalibrated": s["masked_recalibrated"],
+            }  # fmt: skip
+            for key in ("gain", "recalibration_alone", "beyond_recalibration"):
+                c = s[key]
+                row.update({key: c["diff"], f"{key}_lo": c["lo"], f"{key}_hi": c["hi"],
+                            f"{key}_p": c["mcnemar_p"]})  # fmt: skip
+            rows.append(row)
+    return rows
+
+
+FRESH_HEADERS = (
+    "checkpoint", "method", "fresh rows", "unmasked", "k (chosen on dev)", "masked",
+    "gain [95 % CI]", "McNemar p", "recalibration alone [95 % CI]",
+    "k after recalibration (dev)", "beyond recalibration [95 % CI]", "McNemar p",
+)  # fmt: skip
+
+
+def fresh_table(run: Run) -> str:
+    """Markdown: the fresh test set ("" without records)."""
+    rows = fresh_rows(run)
+    if not rows:
+        return ""
+    body = [
+        [r["checkpoint"], r["method"], fmt_count(r["rows"]), fmt_accuracy(r["unmasked"]),
+         fmt_k(r["best_k"]), fmt_accuracy(r["masked"]), _gain_cell(r, "gain", r["gain"]),
+         f"{r['gain_p']:.3g}",
+         _gain_cell(r, "recalibration_alone", r["recalibration_alone"]), fmt_k(r["recal_best_k"]),
+         _gain_cell(r, "beyond_recalibration", r["beyond_recalibration"]),
+         f"{r['beyond_recalibration_p']:.3g}"]
+        for r in rows
+    ]  # fmt: skip
+    return markdown_table(FRESH_HEADERS, body, left=2)

@@ -17,7 +17,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 from ... import fileio  # the last three register record kinds
 from ...fileio import FileFormatError
-from .. import groups, location, protocol  # the last three register record kinds
+from .. import fresh as fresh_test
+from .. import groups, location, protocol  # these register record kinds
 from ..records import CheckpointInfo, Fidelity, Overlap, RunIndex, ScoresInfo, Sweep
 from ..schema import Reader, StageRecord, kind_of, read_stage
 
@@ -114,6 +115,11 @@ class Checkpoint:
     def fidelity(self) -> Optional[Fidelity]:
         rec = self.records.get("fidelity")
         return None if rec is None else rec.result
+
+    @property
+    def fresh(self) -> Dict[str, fresh_test.FreshTest]:
+        """Per method: the fresh test set's record (``fresh-<method>.json``)."""
+        return _by_prefix(self.records, "fresh-")
 
     @property
     def heldouts(self) -> Dict[str, protocol.Heldout]:

@@ -23,7 +23,15 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from .benchmark import benchmark_rows, benchmark_table
 from .byk_tables import byk_rows, byk_table
 from .groupfid_tables import group_correlation_table, group_mean_table, group_rows
-from .heldout_tables import control_rows, control_table, protocol_rows, protocol_table, split_lines
+from .heldout_tables import (
+    control_rows,
+    control_table,
+    fresh_rows,
+    fresh_table,
+    protocol_rows,
+    protocol_table,
+    split_lines,
+)
 from .load import Run
 from .location_tables import kind_table, layer_table, location_rows
 from .names import figure_name
@@ -104,6 +112,16 @@ CONTROLS_INTRO = (
     "reference protocol has no recalibration control: its offset would be chosen on the "
     "rows it is measured on."
 )
+FRESH_INTRO = (
+    "SST-2 training rows the checkpoint was not fine-tuned on (a seeded draw, row numbers "
+    "and their SHA-256 in `fresh-<method>.json`), never used for any choice. On dev: the "
+    "scores (validation gradient of all dev rows), the k (best dev accuracy; k = 0, no "
+    "masking, a candidate), the logit offset (best on all dev rows) and the k after "
+    "recalibration (best dev accuracy after each masked model's own offset). Measured once "
+    "on the fresh rows: gain (masked − unmasked), recalibration alone (unmasked + offset − "
+    "unmasked) and beyond recalibration ((masked + its offset) − (unmasked + its offset)), "
+    "with paired bootstrap 95 % intervals over the fresh rows and McNemar's exact test."
+)
 BYK_INTRO = (
     'Gain at every k of the sweep, "reference / held-out" in accuracy points: the '
     "reference protocol (scores and accuracy on all dev rows) and the mean over the two "
@@ -150,6 +168,8 @@ SECTIONS: Sequence[Section] = (
             HELDOUT_INTRO, (_split_text, protocol_table), plot=True),
     Section("controls", "Controls: recalibration and predicted-class balance", "masking",
             control_rows, CONTROLS_INTRO, (control_table,)),
+    Section("fresh", "Fresh test set: chosen on dev, measured once", "masking", fresh_rows,
+            FRESH_INTRO, (fresh_table,)),
     Section("byk", "Masking: gain at every k under both protocols", "masking", byk_rows,
             BYK_INTRO, (byk_table,)),
     Section("seeds", "Gains across fine-tuning seeds", "masking", seed_rows, SEEDS_INTRO,
