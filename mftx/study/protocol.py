@@ -411,7 +411,9 @@ def heldout_summary(h: Heldout, fixed_k: int = FIXED_K,
     McNemar's test; without it, or for records without predictions, they are None.
     """
     folds = []
-    pairs: Dict[str, List[Optional[tuple]]] = {"gain": [], "beyond_recalibration": []}
+    pairs: Dict[str, List[Optional[tuple]]] = {
+        "gain": [], "beyond_recalibration": [], "recalibration_alone": [],
+    }  # fmt: skip
     for name, sel, ev in (("A->B", "A", "B"), ("B->A", "B", "A")):
         scores = fold_scores(h, sel)
         curve = h.curve(scores)
@@ -436,25 +438,29 @@ def heldout_summary(h: Heldout, fixed_k: int = FIXED_K,
             recal_best_k=rbest.k, masked_recalibrated=rbest.recal[name],
             beyond_recalibration=rbest.recal[name] - recal_alone, recal_rule=rule,
         )  # fmt: skip
-        gain_pair = beyond_pair = None
+        gain_pair = beyond_pair = alone_pair = None
         if rows_of is not None:
             ev_rows = rows_of[ev]
-            gain_pair = (_correct(h, best.pred, ev_rows), _correct(h, h.baseline.pred, ev_rows))
-            beyond_pair = (_correct(h, rbest.pred_recal.get(name), ev_rows),
-                           _correct(h, h.baseline.pred_recal.get(name), ev_rows))  # fmt: skip
+            unmasked = _correct(h, h.baseline.pred, ev_rows)
+            recal_unmasked = _correct(h, h.baseline.pred_recal.get(name), ev_rows)
+            gain_pair = (_correct(h, best.pred, ev_rows), unmasked)
+            beyond_pair = (_correct(h, rbest.pred_recal.get(name), ev_rows), recal_unmasked)
+            alone_pair = (recal_unmasked, unmasked)
+        fold["recalibration_alone"] = recal_alone - base.accuracy
         fold["gain_ci"] = _interval([gain_pair]) if gain_pair else None
         fold["beyond_recalibration_ci"] = _interval([beyond_pair]) if beyond_pair else None
         pairs["gain"].append(gain_pair)
         pairs["beyond_recalibration"].append(beyond_pair)
+        pairs["recalibration_alone"].append(alone_pair)
         at = curve.get(fixed_k)
         fold["at_fixed_k"] = None if at is None else at.rows[ev].accuracy
         fold["gain_at_fixed_k"] = None if at is None else at.rows[ev].accuracy - base.accuracy
         folds.append(fold)
-    keys = ("gain", "beyond_recalibration", "vs_recalibrated_baseline", "gain_at_fixed_k")
+    keys = ("gain", "beyond_recalibration", "vs_recalibrated_baseline", "gain_at_fixed_k",
+            "recalibration_alone")  # fmt: skip
     return {
         "folds": folds, **_mean_of(folds, keys),
-        "mean_gain_ci": _interval(pairs["gain"]),
-        "mean_beyond_recalibration_ci": _interval(pairs["beyond_recalibration"]),
+        **{f"mean_{key}_ci": _interval(p) for key, p in pairs.items()},
     }  # fmt: skip
 
 
