@@ -186,25 +186,27 @@ def cmd_report(args: argparse.Namespace) -> int:
 DEMO_METHODS = ("influence-ekfac", "gradient")
 
 
-def _describe_method(label: str) -> str:
+def _describe_method(label: str, run_solver: str = "minres") -> str:
     """One phrase per method label, from what the label parses to (nothing hard-coded)."""
-    from .scoring import DEFAULT_SOLVER
     from .scores import METHODS
+    from .scoring import DEFAULT_SOLVER
     from .study.config import parse_method
 
     v = parse_method(label)
-    text = f"{label} ({METHODS[v.method]['help'].split(':')[0]}"
-    if v.method == "influence":
-        solver = v.solver or "the run's solver"
-        text += f"; solver {solver}"
-        if v.solver == DEFAULT_SOLVER:
-            text += ", the library's default"
+    formula = METHODS[v.method]["help"].split(":")[0]
+    if v.method != "influence":
+        return f"{label} ({formula})"
+    if v.solver == "ekfac":
+        formula = formula.replace("(H + λI)", "(F + λI)") + ", F the EK-FAC Fisher"
+    text = f"{label} ({formula}; solver {v.solver or run_solver}"
+    if (v.solver or run_solver) == DEFAULT_SOLVER:
+        text += ", the library's default"
     return text + ")"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .study.analysis import analyze
-    from .study.config import AnalyzeConfig
+    from .study.config import AnalyzeConfig, parse_method
     from .study.finetune import FinetuneConfig, checkpoints_of, describe_finetune, finetune
     from .study.report import format_tables, load_run, write_report
     from .study.report.headline import headline
@@ -213,19 +215,34 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _setup_logging(out, "demo", args)
     t0 = time.perf_counter()
     methods = list(args.methods)
+    cfg = AnalyzeConfig(
+        data=args.data, train_size=args.train_size, methods=methods, ks=args.ks,
+        batch_size=args.batch_size, lr=args.lr,
+        hvp_batches=args.hvp_batches, fidelity_samples=0, heldout=True,
+        random_draws=args.random_draws, fresh_rows=args.fresh_rows, fresh_seed=args.seed,
+        progress=not args.no_progress,
+    )  # fmt: skip
+    cfg.validate()
+    described = "; ".join(_describe_method(m, cfg.solver) for m in methods)
+    solvers = {
+        parse_method(m).solver or cfg.solver for m in methods
+        if parse_method(m).method in ("influence", "obd")
+    }  # fmt: skip
+    products = ""
+    if solvers - {"ekfac"}:
+        products = f" Curvature products on {args.hvp_batches} training batches."
     print(
         f"mftx demo: fine-tune {args.model} on {args.train_size:,} SST-2 rows (batch "
         f"{args.batch_size}, lr {args.lr:g}, at most {args.epochs} epochs, dev accuracy every "
         f"{args.eval_every} steps) until dev accuracy reaches {args.target:.0%}; then score "
-        f"with {'; '.join(_describe_method(m) for m in methods)}, mask the top k for k in "
+        f"with {described}, mask the top k for k in "
         f"{', '.join(f'{k:,}' for k in args.ks)} (k = 0, no masking, also a candidate where k "
         "is chosen on other rows), and measure under three protocols: reference (chosen and "
         "measured on all dev rows), held-out (chosen on one seeded half of dev, measured on "
         f"the other, both ways) and {args.fresh_rows:,} fresh rows (SST-2 training rows the "
         "checkpoint never saw, all choices made on dev). Controls: one logit offset chosen on "
         f"the choosing rows (recalibration) and {args.random_draws} draws of k random "
-        f"parameters. Curvature products (none for EK-FAC) on {args.hvp_batches} training "
-        "batches. The full study: docs/results/reproduce.sh."
+        f"parameters.{products} The full study: docs/results/reproduce.sh."
     )
     ft = FinetuneConfig(
         model=args.model, data=args.data, train_size=args.train_size,
@@ -239,14 +256,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if not ckpts:
         print("the accuracy target was not reached: nothing to analyse")
         return 1
-    cfg = AnalyzeConfig(
-        data=args.data, train_size=args.train_size, methods=methods, ks=args.ks,
-        batch_size=args.batch_size, lr=args.lr,
-        hvp_batches=args.hvp_batches, fidelity_samples=0, heldout=True,
-        random_draws=args.random_draws, fresh_rows=args.fresh_rows, fresh_seed=args.seed,
-        progress=not args.no_progress,
-    )  # fmt: skip
-    cfg.validate()
     analyze(ckpts, cfg, out / "analysis", force=args.force, command=args.command_args)
     path = write_report(out / "analysis")
     run = load_run(out / "analysis")

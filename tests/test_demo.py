@@ -46,7 +46,9 @@ def test_demo_prints_every_protocol_and_a_summary_from_the_run(demo_output):
     summary = text.split("## Summary", 1)[1]
     interval = r"[+-]?\d+\.\d\d \[[+-]?\d+\.\d\d, [+-]?\d+\.\d\d\]"
     for method in ("influence-ekfac", "gradient"):
-        assert re.search(rf"- {method}, chosen and measured on all 24 dev rows.*{interval}", summary)
+        assert re.search(
+            rf"- {method}, chosen and measured on all 24 dev rows.*{interval}", summary
+        )
         assert re.search(rf"- {method}, held out .*: {interval}", summary)
         assert re.search(rf"- {method}, beyond recalibration .*{interval} — (shown|not shown|"
                          r"negative)", summary)  # fmt: skip
@@ -69,7 +71,25 @@ def test_the_header_follows_the_methods_asked_for():
     assert "taylor (−g_val ⊙ θ" in _describe_method("taylor")
     assert "solver minres" in _describe_method("influence-minres")
     assert "default" not in _describe_method("influence-minres")
-    assert "the library's default" in _describe_method("influence-ekfac")
+    ekfac = _describe_method("influence-ekfac")
+    assert "the library's default" in ekfac and "(F + λI)" in ekfac and "(H + λI)" not in ekfac
+    # A label without a solver takes the run's.
+    assert "solver cg" in _describe_method("influence", run_solver="cg")
+    assert "the library's default" in _describe_method("influence", run_solver="ekfac")
+
+
+def test_solve_labels_name_what_was_computed():
+    from mftx.study.records import ScoresInfo
+    from mftx.study.report.benchmark import solve_label
+
+    short = ScoresInfo("influence", "f", "d", iterations=40, relative_residual=0.63,
+                       converged=False)  # fmt: skip
+    assert solve_label("influence", short) == "MINRES, 40 it., rel. residual 0.63, stopped short"
+    done = ScoresInfo("influence-cg-auto", "f", "d", iterations=12, relative_residual=9.8e-7,
+                      converged=True)  # fmt: skip
+    assert solve_label("influence-cg-auto", done) == "CG, 12 it., rel. residual 9.8e-07, converged"
+    assert solve_label("influence-ekfac", done) == "EK-FAC, closed form"
+    assert solve_label("gradient", done) is None
 
 
 def test_verdict_claims_only_what_the_interval_supports():

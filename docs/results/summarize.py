@@ -49,6 +49,12 @@ def _table(headers: List[str], align: str, body: List[List[str]]) -> List[str]:
     return out + ["| " + " | ".join(r) + " |" for r in body]
 
 
+def _method(r: Dict[str, str]) -> str:
+    """The method, with its solve named when it stopped short of its tolerance."""
+    solve = r.get("solve") or ""
+    return f"{r['method']} ({solve})" if "stopped short" in solve else r["method"]
+
+
 def headline(d: Path) -> List[str]:
     """Per checkpoint and method: both protocols, the recalibration control, class balance."""
     ctrl: Dict[tuple, List[Dict[str, str]]] = {}
@@ -66,7 +72,7 @@ def headline(d: Path) -> List[str]:
         )
         body.append([
             r["checkpoint"], f"{float(r['baseline']) * 100:.1f} %",
-            _pts(sum(recal) / len(recal)) if recal else "—", r["method"],
+            _pts(sum(recal) / len(recal)) if recal else "—", _method(r),
             _pts(r["reference_gain"]),
             f"{_pts(r['heldout_mean_gain'])} ({_pts(r['ab_gain'])} / {_pts(r['ba_gain'])})",
             _pts(r["beyond_recalibration_mean"]), pos or "—",
@@ -138,16 +144,17 @@ def benchmark(d: Path) -> List[str]:
             group += f" [{_num(r['group_spearman_lo'])}, {_num(r['group_spearman_hi'])}]"
         body.append([
             r["checkpoint"], "random-k" if r["method"] == "random" else r["method"],
-            _num(r["curvature_products"], "{:.0f}"), _num(r["seconds"], "{:.0f}"),
+            r.get("solve") or "—", _num(r["curvature_products"], "{:.0f}"), _num(r["seconds"], "{:.0f}"),
             _num(r["single_spearman"]), group, _pts(r["in_sample_gain"]), _pts(r["heldout_gain"]),
             f"{_pts(r['in_sample_gain_at_fixed_k'])} / {_pts(r['heldout_gain_at_fixed_k'])}",
             _kappa(r),
         ])  # fmt: skip
-    headers = ["checkpoint", "method", "curvature products", "seconds", "single-parameter Spearman",
+    headers = ["checkpoint", "method", "solve", "curvature products", "seconds",
+               "single-parameter Spearman",
                "group Spearman [95 % CI]", "reference gain", "held-out gain",
                "gain at k = 5,000 (reference / held-out)",
                "gradient rule vs method: κ (share of G not in B; by chance)"]  # fmt: skip
-    return _table(headers, ":-- :-- --: --: --: --: --: --: --: --:", body)
+    return _table(headers, ":-- :-- :-- --: --: --: --: --: --: --: --:", body)
 
 
 def spectrum(d: Path) -> List[str]:

@@ -17,12 +17,18 @@ import statistics as pystats
 from typing import Any, Callable, Dict, List
 
 from ..protocol import FIXED_K
-from .cells import fmt_ci, fmt_gain, fmt_k, pick
+from .cells import fmt_ci, fmt_gain, fmt_k, pick, solve_label
 from .load import Checkpoint, Run, order_methods
 from .summaries import RANDOM, in_sample, method_summary, random_control
 from .tables import MISSING, fmt_corr, fmt_count, fmt_rate, markdown_table
 
-__all__ = ["BENCHMARK_HEADERS", "benchmark_methods", "benchmark_rows", "benchmark_table"]
+__all__ = [
+    "BENCHMARK_HEADERS",
+    "benchmark_methods",
+    "benchmark_rows",
+    "benchmark_table",
+    "solve_label",
+]
 
 
 def benchmark_methods(ckpt: Checkpoint) -> List[str]:
@@ -41,7 +47,8 @@ def _empty(ckpt: str, method: str) -> Dict[str, Any]:
             "single_spearman", "group_spearman", "group_spearman_lo", "group_spearman_hi",
             "in_sample_best_k", "in_sample_gain", "heldout_best_k_ab", "heldout_best_k_ba",
             "heldout_gain", "in_sample_gain_at_fixed_k", "heldout_gain_at_fixed_k",
-            "false_positive_rate", "chance_rate", "kappa")  # fmt: skip
+            "false_positive_rate", "chance_rate", "kappa", "relative_residual", "converged",
+            "solve")  # fmt: skip
     return {"checkpoint": ckpt, "method": method, **dict.fromkeys(keys), "fixed_k": FIXED_K}
 
 
@@ -53,12 +60,14 @@ def _group(ckpt: Checkpoint, method: str, row: Dict[str, Any]) -> None:
         row.update(group_spearman=s.get("spearman"), group_spearman_lo=lo, group_spearman_hi=hi)
 
 
-def _method_row(ckpt: Checkpoint, method: str) -> Dict[str, Any]:
+def _method_row(ckpt: Checkpoint, method: str, run_solver: str = "minres") -> Dict[str, Any]:
     row = _empty(ckpt.name, method)
     info = ckpt.scores_info.get(method)
     if info is not None:
         row.update(curvature=info.curvature, damping=info.damping, iterations=info.iterations,
-                   curvature_products=info.n_hvp, seconds=info.seconds)  # fmt: skip
+                   curvature_products=info.n_hvp, seconds=info.seconds,
+                   relative_residual=info.relative_residual, converged=info.converged,
+                   solve=solve_label(method, info, run_solver))  # fmt: skip
     if ckpt.fidelity is not None and method in ckpt.fidelity.summary:
         row["single_spearman"] = ckpt.fidelity.summary[method].spearman
     _group(ckpt, method, row)
@@ -102,14 +111,15 @@ def benchmark_rows(run: Run) -> List[Dict[str, Any]]:
     for ckpt in run.checkpoints:
         if not ckpt.heldouts:
             continue
-        rows += [_method_row(ckpt, m) for m in benchmark_methods(ckpt)]
+        solver = run.config.get("solver") or "minres"
+        rows += [_method_row(ckpt, m, solver) for m in benchmark_methods(ckpt)]
         if RANDOM in ckpt.heldouts:
             rows.append(_random_row(ckpt))
     return rows
 
 
 BENCHMARK_HEADERS = (
-    "checkpoint", "method", "curvature", "damping", "solver iterations", "curvature products",
+    "checkpoint", "method", "curvature", "damping", "solve", "curvature products",
     "seconds", "single-parameter Spearman", "group Spearman (random subsets)",
     "in-sample: best k", "in-sample gain", "held-out: best k (A→B / B→A)", "held-out gain (mean)",
     f"in-sample gain at k = {FIXED_K:,}", f"held-out gain at k = {FIXED_K:,} (mean)",
@@ -133,7 +143,7 @@ def benchmark_table(run: Run) -> str:
         body.append([
             r["checkpoint"], "random-k" if r["method"] == RANDOM else r["method"],
             r["curvature"] or MISSING, _cell(r["damping"], lambda x: f"{x:g}"),
-            _cell(r["iterations"], fmt_count), _cell(r["curvature_products"], fmt_count),
+            _cell(r["solve"], str), _cell(r["curvature_products"], fmt_count),
             _cell(r["seconds"], lambda x: f"{x:.1f}"), _cell(r["single_spearman"], fmt_corr),
             _cell(r["group_spearman"], lambda x, lo=r["group_spearman_lo"],
                   hi=r["group_spearman_hi"]: fmt_ci(x, [lo, hi])),

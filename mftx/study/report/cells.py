@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, List, Optional, Sequence
 
+from ..config import parse_method
+from ..records import ScoresInfo
 from .tables import MISSING, NA, fmt_accuracy, fmt_corr, fmt_count, fmt_points
 
 __all__ = [
@@ -26,6 +28,7 @@ __all__ = [
     "pad",
     "pick",
     "positive_share",
+    "solve_label",
 ]
 
 
@@ -111,3 +114,30 @@ def positive_share(shares: Optional[List[float]]) -> Optional[float]:
 def pick(d: Optional[Dict[str, Any]], key: str) -> Any:
     """``d[key]``, None when `d` is None or lacks it."""
     return None if d is None else d.get(key)
+
+
+#: How the solvers are named in the tables.
+SOLVER_NAMES = {"minres": "MINRES", "cg": "CG", "lissa": "LiSSA", "lanczos": "Lanczos",
+                "ekfac": "EK-FAC", "explicit": "explicit inverse"}  # fmt: skip
+
+
+def solve_label(
+    method: str, info: Optional[ScoresInfo], run_solver: str = "minres"
+) -> Optional[str]:
+    """What an influence method's solve computed, by name: ``MINRES, 40 it., rel. residual
+    0.63, stopped short``, ``CG, 12 it., rel. residual 9.8e-07, converged``, ``EK-FAC,
+    closed form``; None for methods without a solve or without a record."""
+    v = parse_method(method)
+    if v.method != "influence" or info is None:
+        return None
+    solver = v.solver or run_solver
+    if solver in ("ekfac", "explicit"):
+        return f"{SOLVER_NAMES[solver]}, closed form"
+    parts = [SOLVER_NAMES.get(solver, solver)]
+    if info.iterations is not None:
+        parts.append(f"{info.iterations} it.")
+    if info.relative_residual is not None:
+        parts.append(f"rel. residual {info.relative_residual:.2g}")
+    if info.converged is not None:
+        parts.append("converged" if info.converged else "stopped short")
+    return ", ".join(parts)

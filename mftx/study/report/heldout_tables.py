@@ -10,7 +10,16 @@ from __future__ import annotations
 from typing import Any, Dict, List
 
 from ..protocol import FIXED_K
-from .cells import fmt_gain, fmt_gain_ci, fmt_k, fmt_pm, fmt_positive, pick, positive_share
+from .cells import (
+    fmt_gain,
+    fmt_gain_ci,
+    fmt_k,
+    fmt_pm,
+    fmt_positive,
+    pick,
+    positive_share,
+    solve_label,
+)
 from .load import Run, order_methods
 from .summaries import RANDOM, method_summary, protocol_methods, random_control
 from .tables import MISSING, fmt_accuracy, fmt_count, markdown_table
@@ -87,13 +96,20 @@ def _random_row(ckpt: str, r: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def protocol_rows(run: Run) -> List[Dict[str, Any]]:
-    """Per checkpoint: one row per method with a held-out record, then the random-k control."""
+    """Per checkpoint: one row per method with a held-out record, then the random-k control.
+
+    ``solve``: what an influence method's all-rows solve computed (`solve_label`).
+    """
     rows = []
+    solver = run.config.get("solver") or "minres"
     for ckpt in run.checkpoints:
         for m in protocol_methods(ckpt):
-            rows.append(_method_row(ckpt.name, method_summary(ckpt.heldouts[m], split=ckpt.split)))
+            row = _method_row(ckpt.name, method_summary(ckpt.heldouts[m], split=ckpt.split))
+            row["solve"] = solve_label(m, ckpt.scores_info.get(m), solver)
+            rows.append(row)
         if RANDOM in ckpt.heldouts:
-            rows.append(_random_row(ckpt.name, random_control(ckpt.heldouts[RANDOM])))
+            rows.append({**_random_row(ckpt.name, random_control(ckpt.heldouts[RANDOM])),
+                         "solve": None})  # fmt: skip
     return rows
 
 
@@ -109,8 +125,12 @@ PROTOCOL_HEADERS = (
 
 
 def _method_label(row: Dict[str, Any]) -> str:
+    """The method, and its solve when that stopped short of its tolerance (named, not hidden)."""
     if row["method"] == RANDOM:
         return f"random-k ({row['draws']} draws)"
+    solve = row.get("solve")
+    if solve and "stopped short" in solve:
+        return f"{row['method']} ({solve})"
     return row["method"]
 
 
