@@ -127,6 +127,7 @@ def _analyze_config(args: argparse.Namespace):
         hvp_batches=args.hvp_batches, hvp_mode=args.hvp_mode,
         cache_graphs=not args.no_cache_graphs, fidelity_samples=args.fidelity_samples,
         fidelity_dtype=args.fidelity_dtype, heldout=args.heldout, split_seed=args.split_seed,
+        split_seeds=args.split_seeds,
         random_draws=args.random_draws, fresh_rows=args.fresh_rows, fresh_seed=args.fresh_seed,
         group_subsets=args.group_subsets, group_ks=args.group_ks,
         group_flagged=args.group_flagged, group_quadratic=args.group_quadratic,
@@ -399,6 +400,10 @@ def build_parser() -> argparse.ArgumentParser:
         "accuracy on the other (both ways), with the recalibration control",
     )  # fmt: skip
     p.add_argument("--split-seed", type=int, default=0, help="seed of the two-fold dev split")
+    p.add_argument(
+        "--split-seeds", type=_ints, default=[],
+        help="further split seeds: the held-out protocol repeated on each (repeated cross-fitting)",
+    )  # fmt: skip
     p.add_argument("--random-draws", type=int, default=0, help="random-k control draws")
     p.add_argument(
         "--fresh-rows", type=int, default=0,

@@ -48,8 +48,10 @@ from .fidelity import run_fidelity
 from .fresh import run_fresh, unused_rows
 from .heldout import DevRows, RowSplit
 from .location import Location, location_table, space_table
+from .protocol import RepeatedSplits
 from .records import Baseline, CheckpointInfo, Overlap, RunIndex, ScoresInfo, Sweep, SweepPoint
-from .stages import digest_batches, digest_tensors
+from .report.summaries import split_summary
+from .stages import Stage, digest_batches, digest_tensors
 
 __all__ = ["analyze", "overlap"]
 
@@ -137,7 +139,20 @@ def _analyze_checkpoint(ck: Checkpoint, cfg: AnalyzeConfig) -> None:
     for label, s in scores.items():
         _location(ck, space, label, s, digests[label], cfg.location_ks)
     if cfg.heldout:
-        crossfit.run(ck, space, cfg, scores, digests, partial(_scores, ck, space, spectra=spectra))
+        split, held = crossfit.run(ck, space, cfg, scores, digests,
+                                   partial(_scores, ck, space, spectra=spectra))  # fmt: skip
+        per_seed = [split_summary(split, held)]
+        for seed in cfg.split_seeds:
+            view = ck.view(Path("splits") / f"seed{seed}")
+            cfg_s = replace(cfg, split_seed=seed, group_subsets=0)
+            for label in cfg.methods:
+                _scores_together(view, space, label, cfg_s, spectra, sets=("A", "B"))
+            per_seed.append(split_summary(*crossfit.run(
+                view, space, cfg_s, scores, digests, partial(_scores, view, space, spectra=spectra),
+                reference=False,
+            )))  # fmt: skip
+        if cfg.split_seeds:
+            _repeated_splits(ck, cfg, per_seed)
     if cfg.fresh_rows:
         _fresh(ck, space, cfg, scores, digests)
 
@@ -155,6 +170,19 @@ def _fresh(ck: Checkpoint, space: ParamSpace, cfg: AnalyzeConfig, scores: Dict[s
         stage = ck.stage("fresh", label, settings, inputs)
         run_fresh(stage, space, ck.model, ck.rows, fresh, rows, cfg.fresh_seed,
                   {label: s.candidates(k_max)}, cfg.ks, cfg.progress)  # fmt: skip
+
+
+def _repeated_splits(ck: Checkpoint, cfg: AnalyzeConfig, per_seed: List[Dict[str, Any]]) -> None:
+    """``splits.json``: every split's numbers (derived from the held-out records, so it is
+    rewritten on every run rather than resumed)."""
+    seeds = [cfg.split_seed, *cfg.split_seeds]
+    methods: Dict[str, List[Dict[str, Any]]] = {}
+    for one in per_seed:
+        for label, row in one.items():
+            methods.setdefault(label, []).append(row)
+    settings = {"data": ck.eval_settings, "seeds": seeds}
+    stage = Stage(ck.out / "splits.json", "splits", settings, ck.dev_inputs(), ck.root, True)
+    stage.save(RepeatedSplits(seeds, methods))
 
 
 def _curvatures(cfg: AnalyzeConfig) -> List[str]:
@@ -248,16 +276,18 @@ def _score_stage(ck: Checkpoint, label: str, cfg: AnalyzeConfig,
 
 
 def _scores_together(ck: Checkpoint, space: ParamSpace, label: str, cfg: AnalyzeConfig,
-                     spectra: Optional[Dict[str, Any]] = None) -> None:  # fmt: skip
-    """With held-out folds: the scores of all rows, fold A and fold B from one solve with
-    three right-hand sides (one curvature product per iteration for the three) when the
-    method is a CG / MINRES influence and two or more of them are not on disk yet; each
-    is then recorded as `_scores` would record it."""
+                     spectra: Optional[Dict[str, Any]] = None,
+                     sets: Sequence[str] = ("all", "A", "B")) -> None:  # fmt: skip
+    """With held-out folds: the scores of all rows, fold A and fold B (`sets`) from one
+    solve with several right-hand sides (one curvature product per iteration for all of
+    them) when the method is a CG / MINRES influence, or from one EK-FAC fit, and two or
+    more of them are not on disk yet; each is then recorded as `_scores` would record it."""
     scfg = cfg.score_config(label, ck.out)
-    if scfg.method != "influence" or scfg.solver not in ("cg", "minres"):
+    if scfg.method != "influence" or scfg.solver not in ("cg", "minres", "ekfac"):
         return
     split = crossfit._split(ck, cfg)
-    halves = {"all": None, "A": ("A", split), "B": ("B", split)}
+    halves = {k: v for k, v in {"all": None, "A": ("A", split), "B": ("B", split)}.items()
+              if k in sets}  # fmt: skip
     missing = {}
     for key, half in halves.items():
         _, stage, file, val, _ = _score_stage(ck, label, cfg, half)

@@ -58,5 +58,15 @@ class Checkpoint:
         path = self.out / f"{records.stem(kind, method)}.json"
         return Stage(path, kind, settings, inputs, self.root, self.force, **kw)
 
+    def view(self, sub: Path) -> Checkpoint:
+        """The same checkpoint writing its records to ``OUT/<checkpoint>/<sub>`` (a repeated
+        split's stages), sharing the model, data and fingerprints."""
+        import copy
+
+        other = copy.copy(self)
+        other.out = self.out / sub
+        other.out.mkdir(parents=True, exist_ok=True)
+        return other
+
     def dev_inputs(self, **more: str) -> Dict[str, str]:
         return {"weights": self.inputs["weights"], "dev": self.inputs["dev"], **more}

@@ -71,6 +71,12 @@ class AnalyzeConfig:
         False,
     )
     split_seed: int = help_field("seed of the two-fold dev split", 0)
+    split_seeds: Sequence[int] = help_field(
+        "held-out: further split seeds (repeated cross-fitting): each its own fold scores, "
+        "sweeps and random-k control, in splits/seed<N>/; their spread is reported beside "
+        "the main split's",
+        default_factory=list,
+    )
     random_draws: int = help_field(
         "held-out: draws of the random-k control (k random analysed parameters; 0: none)", 0
     )
@@ -126,8 +132,15 @@ class AnalyzeConfig:
                      "fresh_rows"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if len(set(self.split_seeds)) != len(self.split_seeds) or self.split_seed in set(
+            self.split_seeds
+        ):
+            raise ValueError(
+                f"split_seeds must be distinct and differ from split_seed ({self.split_seed}), "
+                f"got {list(self.split_seeds)}"
+            )
         if not self.heldout:
-            used = [n for n in ("random_draws", "group_subsets") if getattr(self, n)]
+            used = [n for n in ("random_draws", "group_subsets", "split_seeds") if getattr(self, n)]
             if used:
                 raise ValueError(f"{', '.join(used)} need the held-out protocol (heldout=True)")
         masking.check_ks(list(self.group_ks))

@@ -10,6 +10,11 @@ each as a resumable record in the checkpoint's output directory:
 - ``heldout-random.json``: the random-k control (`mftx.study.protocol.run_random`);
 - ``groupfid.json``: group fidelity, predictions from half A's scores against the
   actual change of loss on half B when whole subsets are zeroed (`mftx.study.groups`).
+
+Repeated splits (``split_seeds``): the same stages for each further split seed, in
+``splits/seed<N>/`` below the checkpoint's directory (no group fidelity there), and
+``splits.json``: every split's held-out summary per method
+(`mftx.study.protocol.RepeatedSplits`).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from .config import AnalyzeConfig
 from .fidelity import implied_change
 from .groups import GroupFidelity, GroupSample
 from .heldout import RowSplit, two_fold
-from .protocol import SplitInfo, run_random, run_sweeps, uses_validation
+from .protocol import Heldout, SplitInfo, run_random, run_sweeps, uses_validation
 
 __all__ = ["run"]
 
@@ -52,11 +57,15 @@ def _split_id(split: RowSplit) -> Dict[str, Any]:
 
 
 def run(ck: Checkpoint, space: ParamSpace, cfg: AnalyzeConfig, scores: Dict[str, Scores],
-        digests: Dict[str, str], score_fn: ScoreFn) -> None:  # fmt: skip
+        digests: Dict[str, str], score_fn: ScoreFn,
+        reference: bool = True) -> Tuple[RowSplit, Dict[str, Heldout]]:  # fmt: skip
     """Fold scores, sweeps on every row set, the random-k control and group fidelity.
 
     `scores` / `digests`: each method's scores from all dev rows; `score_fn(label, cfg,
     half=(name, split))` gives (and records) a method's scores from one half.
+    `reference=False` (a repeated split): methods that use the validation gradient
+    sweep their fold scores only (the all-rows sweep does not depend on the split).
+    Returns the split and the held-out records by method (``random``: the control).
     """
     split = _split(ck, cfg)
     sets_of: Dict[str, Dict[str, Tuple[Scores, str]]] = {}
@@ -65,24 +74,29 @@ def run(ck: Checkpoint, space: ParamSpace, cfg: AnalyzeConfig, scores: Dict[str,
         if "val" in METHODS[s.method]["uses"]:
             for half in ("A", "B"):
                 sets[half] = score_fn(label, cfg, half=(half, split))
+            if not reference:
+                del sets["all"]
         sets_of[label] = sets
     base = {"data": ck.eval_settings, "split": _split_id(split)}
     k_max = max(cfg.ks)
+    held: Dict[str, Heldout] = {}
     for label, sets in sets_of.items():
         inputs = ck.dev_inputs(**{f"scores@{n}": d for n, (_, d) in sets.items()})
         stage = ck.stage("heldout", label, base, inputs)
         cands = {n: sc.candidates(k_max) for n, (sc, _) in sets.items()}
-        run_sweeps(stage, label, space, cands, cfg.ks, ck.model, ck.rows, split, cfg.progress)
+        held[label] = run_sweeps(stage, label, space, cands, cfg.ks, ck.model, ck.rows, split,
+                                 cfg.progress)  # fmt: skip
     if cfg.random_draws:
         stage = ck.stage("heldout", "random", {**base, "seed": cfg.split_seed}, ck.dev_inputs())
-        run_random(stage, space, cfg.ks, cfg.random_draws, cfg.split_seed, ck.model, ck.rows,
-                   split, cfg.progress)  # fmt: skip
+        held["random"] = run_random(stage, space, cfg.ks, cfg.random_draws, cfg.split_seed,
+                                    ck.model, ck.rows, split, cfg.progress)  # fmt: skip
     if cfg.group_subsets:
         # Predictions from the selection half A, actual changes on the evaluation half B.
         # (methods that do not use the validation gradient have only the all-rows set).
         chosen = {label: sets["A" if uses_validation(label) else "all"][0]
                   for label, sets in sets_of.items()}  # fmt: skip
         _group_fidelity(ck, space, cfg, split, chosen)
+    return split, held
 
 
 def _group_fidelity(ck, space: ParamSpace, cfg: AnalyzeConfig, split: RowSplit,

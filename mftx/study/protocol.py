@@ -56,6 +56,7 @@ __all__ = [
     "Heldout",
     "MissingFoldScores",
     "ProtocolPoint",
+    "RepeatedSplits",
     "RowStats",
     "SplitInfo",
     "evaluate_point",
@@ -198,6 +199,27 @@ class Heldout:
 
     def curve(self, scores: str) -> Dict[int, ProtocolPoint]:
         return {p.k: p for p in self.points if p.scores == scores}
+
+
+@register("splits", 1)
+@dataclass
+class RepeatedSplits:
+    """Each split seed's held-out summary per method (the first seed: the main split).
+
+    Per method and seed: the held-out gain and the gain beyond recalibration (means
+    of the two folds) with their paired bootstrap intervals (None for records without
+    per-row predictions), and the ks chosen.
+    """
+
+    seeds: List[int]
+    methods: Dict[str, List[Dict[str, Any]]] = field(default_factory=dict)
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"seeds": self.seeds, "methods": self.methods}
+
+    @classmethod
+    def from_json(cls, r: Reader) -> RepeatedSplits:
+        return cls([int(x) for x in r.list("seeds")], dict(r.obj["methods"]))
 
 
 # --------------------------------------------------------------------------- evaluation

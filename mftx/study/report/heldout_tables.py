@@ -15,13 +15,14 @@ from .cells import (
     fmt_gain_ci,
     fmt_k,
     fmt_pm,
+    fmt_pm_gain,
     fmt_positive,
     pick,
     positive_share,
     solve_label,
 )
 from .load import Run, order_methods
-from .summaries import RANDOM, method_summary, protocol_methods, random_control
+from .summaries import RANDOM, mean_sd, method_summary, protocol_methods, random_control
 from .tables import MISSING, fmt_accuracy, fmt_count, markdown_table
 
 __all__ = [
@@ -35,6 +36,8 @@ __all__ = [
     "protocol_rows",
     "protocol_table",
     "split_lines",
+    "split_rows",
+    "split_table",
 ]
 
 ARROW = {"A->B": "A→B", "B->A": "B→A"}
@@ -297,3 +300,64 @@ def fresh_table(run: Run) -> str:
         for r in rows
     ]  # fmt: skip
     return markdown_table(FRESH_HEADERS, body, left=2)
+
+
+# --------------------------------------------------------------------------- repeated splits
+
+
+def _spread(values: List[Any]) -> Dict[str, Any]:
+    ok = [v for v in values if v is not None]
+    stats = mean_sd(ok)
+    return {"mean": stats["mean"], "sd": stats["sd"], "min": min(ok) if ok else None,
+            "max": max(ok) if ok else None}  # fmt: skip
+
+
+def split_rows(run: Run) -> List[Dict[str, Any]]:
+    """Per checkpoint and method: the held-out numbers over the split seeds (repeated
+    cross-fitting): mean, split-to-split sd, range, and how many splits' paired intervals
+    lie above or below 0."""
+    rows = []
+    for ckpt in run.checkpoints:
+        rs = ckpt.splits
+        if rs is None:
+            continue
+        for m in [*order_methods(set(rs.methods) - {RANDOM}), *([RANDOM] * (RANDOM in rs.methods))]:
+            per = rs.methods[m]
+            row: Dict[str, Any] = {"checkpoint": ckpt.name, "method": m,
+                                   "seeds": [p["seed"] for p in per]}  # fmt: skip
+            for key in ("gain", "beyond"):
+                sp = _spread([p.get(key) for p in per])
+                row.update({f"{key}_{k}": v for k, v in sp.items()})
+                row[f"{key}_above"] = sum(1 for p in per if (p.get(f"{key}_lo") or 0) > 0)
+                row[f"{key}_below"] = sum(1 for p in per if (p.get(f"{key}_hi") or 0) < 0)
+            rows.append(row)
+    return rows
+
+
+SPLIT_HEADERS = (
+    "checkpoint", "method", "splits", "held-out gain: mean ± sd over splits [range]",
+    "splits with gain interval > 0 / < 0", "beyond recalibration: mean ± sd [range]",
+    "splits with beyond-recalibration interval > 0 / < 0",
+)  # fmt: skip
+
+
+def _spread_cell(r: Dict[str, Any], key: str) -> str:
+    if r[f"{key}_mean"] is None:
+        return MISSING
+    return (f"{fmt_pm_gain(r[f'{key}_mean'], r[f'{key}_sd'])} "
+            f"[{fmt_gain(r[f'{key}_min'])}, {fmt_gain(r[f'{key}_max'])}]")  # fmt: skip
+
+
+def split_table(run: Run) -> str:
+    """Markdown: the held-out protocol over repeated splits ("" without them)."""
+    rows = split_rows(run)
+    if not rows:
+        return ""
+    body = [
+        [r["checkpoint"], "random-k" if r["method"] == RANDOM else r["method"],
+         ", ".join(str(s) for s in r["seeds"]), _spread_cell(r, "gain"),
+         f"{r['gain_above']} / {r['gain_below']}", _spread_cell(r, "beyond"),
+         f"{r['beyond_above']} / {r['beyond_below']}"]
+        for r in rows
+    ]  # fmt: skip
+    return markdown_table(SPLIT_HEADERS, body, left=2)

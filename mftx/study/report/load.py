@@ -122,6 +122,12 @@ class Checkpoint:
         return _by_prefix(self.records, "fresh-")
 
     @property
+    def splits(self) -> Optional[protocol.RepeatedSplits]:
+        """Each split seed's held-out numbers (``splits.json``; repeated cross-fitting)."""
+        rec = self.records.get("splits")
+        return None if rec is None else rec.result
+
+    @property
     def heldouts(self) -> Dict[str, protocol.Heldout]:
         """Held-out protocol sweeps by method (``random``: the random-k control)."""
         return _by_prefix(self.records, "heldout-")

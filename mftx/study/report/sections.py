@@ -31,6 +31,8 @@ from .heldout_tables import (
     protocol_rows,
     protocol_table,
     split_lines,
+    split_rows,
+    split_table,
 )
 from .load import Run
 from .location_tables import kind_table, layer_table, location_rows
@@ -112,6 +114,14 @@ CONTROLS_INTRO = (
     "reference protocol has no recalibration control: its offset would be chosen on the "
     "rows it is measured on."
 )
+SPLITS_INTRO = (
+    "The two-fold cross-fitting repeated with other split seeds of the dev rows (each "
+    "split's fold scores, sweeps and random-k control in `splits/seed<N>/`): the held-out "
+    "gain and the gain beyond recalibration (means of the two folds) over the splits — "
+    "mean, split-to-split sd and range — and how many splits' paired bootstrap intervals "
+    "lie above or below 0. Splits of the same dev rows are not independent: the spread "
+    "says how much one split's answer depends on the draw, not a confidence interval."
+)
 FRESH_INTRO = (
     "SST-2 training rows the checkpoint was not fine-tuned on (a seeded draw, row numbers "
     "and their SHA-256 in `fresh-<method>.json`), never used for any choice. On dev: the "
@@ -168,6 +178,8 @@ SECTIONS: Sequence[Section] = (
             HELDOUT_INTRO, (_split_text, protocol_table), plot=True),
     Section("controls", "Controls: recalibration and predicted-class balance", "masking",
             control_rows, CONTROLS_INTRO, (control_table,)),
+    Section("splits", "Repeated splits: the held-out protocol on other halves of dev", "masking",
+            split_rows, SPLITS_INTRO, (split_table,)),
     Section("fresh", "Fresh test set: chosen on dev, measured once", "masking", fresh_rows,
             FRESH_INTRO, (fresh_table,)),
     Section("byk", "Masking: gain at every k under both protocols", "masking", byk_rows,

@@ -35,6 +35,7 @@ __all__ = [
     "method_summary",
     "protocol_methods",
     "random_control",
+    "split_summary",
 ]
 
 #: (fold name, selection half, evaluation half), as in `mftx.study.heldout.RowSplit.folds`.
@@ -168,4 +169,26 @@ def in_sample(ckpt: Checkpoint, method: str, fixed_k: int = FIXED_K) -> Optional
         out.update(best_k=best.k, accuracy=best.accuracy, gain=best.accuracy - base.accuracy)
     out["at_fixed_k"] = None if at is None else at.accuracy
     out["gain_at_fixed_k"] = None if at is None else at.accuracy - base.accuracy
+    return out
+
+
+def split_summary(split: RowSplit, held: Dict[str, Heldout]) -> Dict[str, Dict[str, Any]]:
+    """One split's held-out numbers per method (as `RepeatedSplits` keeps them)."""
+    out = {}
+    for label, h in held.items():
+        if label == "random":
+            r = random_control(h)
+            out[label] = {"seed": split.seed, "gain": r["mean_gain"],
+                          "beyond": r["mean_beyond_recalibration"]}  # fmt: skip
+            continue
+        s = method_summary(h, split=split)["heldout"]
+        ab, ba = s["folds"]
+        g, b = s["mean_gain_ci"] or {}, s["mean_beyond_recalibration_ci"] or {}
+        out[label] = {
+            "seed": split.seed, "gain": s["mean_gain"], "gain_lo": g.get("lo"),
+            "gain_hi": g.get("hi"), "beyond": s["mean_beyond_recalibration"],
+            "beyond_lo": b.get("lo"), "beyond_hi": b.get("hi"),
+            "best_k": [ab["best_k"], ba["best_k"]], "recal_best_k": [ab["recal_best_k"],
+                                                                     ba["recal_best_k"]],
+        }  # fmt: skip
     return out
