@@ -90,6 +90,11 @@ def test_solve_labels_name_what_was_computed():
     assert solve_label("influence-cg-auto", done) == "CG, 12 it., rel. residual 9.8e-07, converged"
     assert solve_label("influence-ekfac", done) == "EK-FAC, closed form"
     assert solve_label("gradient", done) is None
+    low = ScoresInfo("influence-lanczos", "f", "d", iterations=60, relative_residual=0.68,
+                     converged=True)  # fmt: skip
+    assert solve_label("influence-lanczos", low) == (
+        "Lanczos low rank, 60 it., 68 % of ∇L_val outside its span"
+    )
 
 
 def test_verdict_claims_only_what_the_interval_supports():

@@ -27,7 +27,14 @@ from mftx.study.groups import GroupFidelity, GroupSample
 from mftx.study.heldout import RowSplit
 from mftx.study.location import Location
 from mftx.study.protocol import Heldout, ProtocolPoint, RowStats, SplitInfo
-from mftx.study.records import Baseline, CheckpointInfo, Fidelity, FidelityStats, ScoresInfo
+from mftx.study.records import (
+    Baseline,
+    CheckpointInfo,
+    Fidelity,
+    FidelitySample,
+    FidelityStats,
+    ScoresInfo,
+)
 from mftx.study.report import (
     benchmark,
     byk_tables,
@@ -271,7 +278,13 @@ def test_benchmark_rows(tmp_path: Path) -> None:
     files["scores-taylor@A"] = rec("scores", ScoresInfo("taylor@A", "a.safetensors", "d" * 64))
     files["overlap-influence"] = overlap_rec(40, 100, 10)
     stats = {"taylor": FidelityStats("taylor", 0.9, 0.8, 0.7, 10)}
-    files["fidelity"] = rec("fidelity", Fidelity("float64", 0, [], stats))
+    # Single-parameter fidelity from the samples: on the random ones taylor ranks like the
+    # actual change (Spearman 1), on its top candidates in reverse (-1); read apart.
+    samples = [FidelitySample("w", 0, i, 0.1, a, "random", {"taylor": 2 * a})
+               for i, a in enumerate((0.1, 0.4, 0.2, 0.3))]  # fmt: skip
+    samples += [FidelitySample("w", 0, 10 + i, 0.1, a, "top-taylor", {"taylor": -a})
+                for i, a in enumerate((0.1, 0.5, 0.3))]  # fmt: skip
+    files["fidelity"] = rec("fidelity", Fidelity("float64", 7, samples, stats))
     run = load_run(make_run(tmp_path, {"ckpt-60": files}, config=CONFIG))
     assert benchmark.benchmark_methods(run.checkpoints[0]) == ["influence", "taylor"]
     rows = table_rows(benchmark.benchmark_table(run))
@@ -285,12 +298,13 @@ def test_benchmark_rows(tmp_path: Path) -> None:
     # The solve is named by what it computed: a truncated MINRES iterate says so.
     assert rows[0] == ["ckpt-60", "influence", "hessian", "0.01",
                        "MINRES, 3 it., rel. residual 0.5, stopped short", "4", "79.4", "—", "—",
-                       "—", "—", "—", "—", "—", "—", KAPPA]  # fmt: skip
-    assert rows[1] == ["ckpt-60", "taylor", "—", "—", "—", "—", "2.5", "0.900", "—", "10",
-                       "+35.00", "100 / 100", "-0.50", "-8.00", "-16.50", "—"]  # fmt: skip
+                       "—", "—", "—", "—", "—", "—", "—", KAPPA]  # fmt: skip
+    assert rows[1] == ["ckpt-60", "taylor", "—", "—", "—", "—", "2.5", "1.000 [1.000, 1.000]",
+                       "-1.000", "—", "10", "+35.00", "100 / 100", "-0.50", "-8.00", "-16.50",
+                       "—"]  # fmt: skip
     # random-k: no scores; at k = 5,000 nothing was measured.
     assert rows[2][:2] == ["ckpt-60", "random-k"] and rows[2][5] == "0"
-    assert rows[2][9:13] == ["10", "0.00", "10 / 0", "0.00"]  # B→A: no masking (k = 0) wins
+    assert rows[2][10:14] == ["10", "0.00", "10 / 0", "0.00"]  # B→A: no masking (k = 0) wins
     # Without held-out records there is no benchmark (the plain report stays as it was).
     del files["heldout-taylor"], files["heldout-random"], files["split"]
     plain = load_run(make_run(tmp_path / "plain", {"ckpt-60": files}))

@@ -133,6 +133,11 @@ def solve_label(
     solver = v.solver or run_solver
     if solver in ("ekfac", "explicit"):
         return f"{SOLVER_NAMES[solver]}, closed form"
+    if solver == "lanczos":  # a low-rank inverse: its residual is what its span misses
+        steps = "" if info.iterations is None else f", {info.iterations} it."
+        miss = info.relative_residual
+        share = "" if miss is None else f", {miss:.0%} of ∇L_val outside its span"
+        return f"Lanczos low rank{steps}{share}".replace("%", " %")
     parts = [SOLVER_NAMES.get(solver, solver)]
     if info.iterations is not None:
         parts.append(f"{info.iterations} it.")
