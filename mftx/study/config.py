@@ -73,7 +73,7 @@ class AnalyzeConfig:
     split_seed: int = help_field("seed of the two-fold dev split", 0)
     split_seeds: Sequence[int] = help_field(
         "held-out: further split seeds (repeated cross-fitting): each its own fold scores, "
-        "sweeps and random-k control, in splits/seed<N>/; their spread is reported beside "
+        "sweeps and random-k control, in splits/seedN/; their spread is reported beside "
         "the main split's",
         default_factory=list,
     )
