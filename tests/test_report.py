@@ -399,7 +399,8 @@ def test_solve_table(tmp_path: Path) -> None:
 
 def test_format_tables(run_dir: Path) -> None:
     text = format_tables(load_run(run_dir))
-    assert text.count("| checkpoint |") == 3
+    # masking, overlap, fidelity, and the flags read against the measured zeroing effect
+    assert text.count("| checkpoint |") == 4 and "Flags against the measured effect" in text
     assert "Incomplete" not in text
 
 

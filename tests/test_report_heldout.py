@@ -509,3 +509,22 @@ def test_end_to_end_report_matches_the_records(tiny_run: Path) -> None:
     again = write_report(report / "results.json", tiny_run / "again")
     assert (again / "report.md").read_text().split("## Masking")[1:] == text.split("## Masking")[1:]
     assert load_results(report / "results.json").checkpoints[0].split == ckpt.split
+
+
+def test_flag_precision_against_measured_zeroing_by_hand(tmp_path: Path) -> None:
+    # Random samples: taylor flags (predicts < 0) three, two of which zeroing did help.
+    samples = [FidelitySample("w", 0, i, 0.1, a, "random", {"taylor": p})
+               for i, (a, p) in enumerate(((-0.1, -1.0), (-0.2, -2.0), (0.3, -0.5),
+                                           (0.1, 1.0), (-0.4, 2.0)))]  # fmt: skip
+    samples.append(FidelitySample("w", 0, 9, 0.1, 0.5, "top-taylor", {"taylor": -9.0}))
+    files = heldout_files()
+    stats = {"taylor": FidelityStats("taylor", 0.0, 0.0, 0.0, 6)}
+    files["fidelity"] = rec("fidelity", Fidelity("float64", 6, samples, stats))
+    run = load_run(make_run(tmp_path, {"ckpt-60": files}, config=CONFIG))
+    (row,) = benchmark.flag_rows(run)
+    assert (row["random_samples"], row["flagged"], row["helped"]) == (5, 3, 2)  # top ones out
+    assert row["precision"] == pytest.approx(2 / 3) and row["base_rate"] == pytest.approx(3 / 5)
+    assert (row["precision_lo"], row["precision_hi"]) == pytest.approx(benchmark.wilson(2, 3))
+    z2 = 1.959963984540054**2
+    assert benchmark.wilson(15, 15)[0] == pytest.approx(15 / (15 + z2))  # all hits: n / (n + z²)
+    assert math.isnan(benchmark.wilson(0, 0)[0])

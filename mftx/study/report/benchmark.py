@@ -13,8 +13,9 @@ have no rows (their tables are the plain report's).
 
 from __future__ import annotations
 
+import math
 import statistics as pystats
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Tuple
 
 from .. import statistics
 from ..protocol import FIXED_K
@@ -26,11 +27,15 @@ from .tables import MISSING, fmt_corr, fmt_count, fmt_rate, markdown_table
 
 __all__ = [
     "BENCHMARK_HEADERS",
+    "FLAG_HEADERS",
     "benchmark_methods",
     "benchmark_rows",
     "benchmark_table",
+    "flag_rows",
+    "flag_table",
     "single_fidelity",
     "solve_label",
+    "wilson",
 ]
 
 
@@ -187,3 +192,68 @@ def benchmark_table(run: Run) -> str:
                   f"{fmt_rate(r['chance_rate'])})"),
         ])  # fmt: skip
     return markdown_table(BENCHMARK_HEADERS, body, left=2)
+
+
+# --------------------------------------------------------------------------- flag precision
+
+
+def wilson(successes: int, n: int, z: float = 1.959963984540054) -> Tuple[float, float]:
+    """Wilson score 95 % interval of a proportion (NaN, NaN for n = 0)."""
+    if n == 0:
+        return math.nan, math.nan
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def flag_rows(run: Run) -> List[Dict[str, Any]]:
+    """Each flagging method's claim against the measured effect of zeroing.
+
+    On the uniformly random single-parameter fidelity samples: of those the method
+    flags (predicted to lower the validation loss when zeroed), the share whose
+    measured change is negative — the precision, with its Wilson interval — beside
+    the same share over every random sample (what flagging at random gives).
+    """
+    rows = []
+    for ckpt in run.checkpoints:
+        fid = ckpt.fidelity
+        if fid is None:
+            continue
+        rand = [x for x in fid.samples if x.origin == "random"]
+        if not rand:
+            continue
+        base = sum(x.actual < 0 for x in rand) / len(rand)
+        for method in order_methods(fid.summary):
+            flagged = [x for x in rand if method in x.predicted and x.predicted[method] < 0]
+            hits = sum(x.actual < 0 for x in flagged)
+            lo, hi = wilson(hits, len(flagged))
+            rows.append({
+                "checkpoint": ckpt.name, "method": method, "random_samples": len(rand),
+                "flagged": len(flagged), "helped": hits,
+                "precision": hits / len(flagged) if flagged else None,
+                "precision_lo": None if not flagged else lo,
+                "precision_hi": None if not flagged else hi, "base_rate": base,
+            })  # fmt: skip
+    return rows
+
+
+FLAG_HEADERS = (
+    "checkpoint", "method", "random samples", "flagged", "zeroing lowered the loss",
+    "precision [95 % CI]", "the same over all random samples",
+)  # fmt: skip
+
+
+def flag_table(run: Run) -> str:
+    """Markdown: flag precision against the measured effect ("" without fidelity samples)."""
+    rows = flag_rows(run)
+    if not rows:
+        return ""
+    body = [
+        [r["checkpoint"], r["method"], fmt_count(r["random_samples"]), fmt_count(r["flagged"]),
+         fmt_count(r["helped"]),
+         _cell(r["precision"], lambda x, r=r: fmt_ci(x, [r["precision_lo"], r["precision_hi"]])),
+         fmt_rate(r["base_rate"])]
+        for r in rows
+    ]  # fmt: skip
+    return markdown_table(FLAG_HEADERS, body, left=2)

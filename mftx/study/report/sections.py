@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from .benchmark import benchmark_rows, benchmark_table
+from .benchmark import benchmark_rows, benchmark_table, flag_rows, flag_table
 from .byk_tables import byk_rows, byk_table
 from .groupfid_tables import group_correlation_table, group_mean_table, group_rows
 from .heldout_tables import (
@@ -162,6 +162,13 @@ BENCHMARK_INTRO = (
     "method does not call beneficial beside what independent flags would give. — : not "
     "run or not recorded."
 )
+FLAGS_INTRO = (
+    "Where a method flags parameters (predicted to lower the validation loss when zeroed), "
+    "how often zeroing one of them alone did lower it, on the uniformly random "
+    "single-parameter fidelity samples: the precision with its Wilson 95 % interval, beside "
+    "the share over every random sample (what flagging at random would give). Measured "
+    "effects, not another approximation, are the reference here."
+)
 LOCATION_INTRO = (
     "Each method's largest top-k set and its flagged set: enrichment (share of the set / "
     "share of all analysed entries; 1.00× = chance) with the share of the set in "
@@ -190,6 +197,8 @@ SECTIONS: Sequence[Section] = (
             GROUPFID_INTRO, (group_correlation_table, _group_means), plot=True),
     Section("benchmark", "Methods benchmark", "solves", benchmark_rows, BENCHMARK_INTRO,
             (benchmark_table,)),
+    Section("flags", "Flags against the measured effect of zeroing", "solves", flag_rows,
+            FLAGS_INTRO, (flag_table,)),
     Section("location", "Where the removed parameters live", "solves", location_rows,
             LOCATION_INTRO, (kind_table, layer_table), plot=True),
     Section("spectrum", "Curvature spectrum", "solves", spectrum_rows, SPECTRUM_INTRO,
