@@ -144,7 +144,8 @@ def _analyze_checkpoint(ck: Checkpoint, cfg: AnalyzeConfig) -> None:
         per_seed = [split_summary(split, held)]
         for seed in cfg.split_seeds:
             view = ck.view(Path("splits") / f"seed{seed}")
-            cfg_s = replace(cfg, split_seed=seed, group_subsets=0)
+            # The random-k control and group fidelity stay on the main split.
+            cfg_s = replace(cfg, split_seed=seed, group_subsets=0, random_draws=0)
             for label in cfg.methods:
                 _scores_together(view, space, label, cfg_s, spectra, sets=("A", "B"))
             per_seed.append(split_summary(*crossfit.run(

@@ -72,9 +72,9 @@ class AnalyzeConfig:
     )
     split_seed: int = help_field("seed of the two-fold dev split", 0)
     split_seeds: Sequence[int] = help_field(
-        "held-out: further split seeds (repeated cross-fitting): each its own fold scores, "
-        "sweeps and random-k control, in splits/seedN/; their spread is reported beside "
-        "the main split's",
+        "held-out: further split seeds (repeated cross-fitting): each its own fold scores "
+        "and sweeps, in splits/seedN/ (the random-k control and group fidelity stay on the "
+        "main split); their spread is reported beside the main split's",
         default_factory=list,
     )
     random_draws: int = help_field(

@@ -12,7 +12,8 @@ each as a resumable record in the checkpoint's output directory:
   actual change of loss on half B when whole subsets are zeroed (`mftx.study.groups`).
 
 Repeated splits (``split_seeds``): the same stages for each further split seed, in
-``splits/seed<N>/`` below the checkpoint's directory (no group fidelity there), and
+``splits/seed<N>/`` below the checkpoint's directory (no random-k control nor group
+fidelity there), and
 ``splits.json``: every split's held-out summary per method
 (`mftx.study.protocol.RepeatedSplits`).
 """

@@ -116,7 +116,8 @@ CONTROLS_INTRO = (
 )
 SPLITS_INTRO = (
     "The two-fold cross-fitting repeated with other split seeds of the dev rows (each "
-    "split's fold scores, sweeps and random-k control in `splits/seed<N>/`): the held-out "
+    "split's fold scores and sweeps in `splits/seed<N>/`; the random-k control on the main "
+    "split only): the held-out "
     "gain and the gain beyond recalibration (means of the two folds) over the splits — "
     "mean, split-to-split sd and range — and how many splits' paired bootstrap intervals "
     "lie above or below 0. Splits of the same dev rows are not independent: the spread "
