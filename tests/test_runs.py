@@ -133,9 +133,13 @@ def test_file_names_and_kinds():
     with pytest.raises(ValueError, match="per method"):
         records.stem("sweep")
 
+    # Every stage's module registers its kind.
+    import mftx.study.analysis
+    import mftx.study.report  # noqa: F401
+
     assert set(records.stage_kinds()) == {
         "checkpoint", "scores", "sweep", "overlap", "fidelity", "split", "heldout", "groupfid",
-        "location", "spectrum",
+        "location", "spectrum", "fresh", "splits",
     }  # fmt: skip
     assert records.kind_of("spectrum-hessian") == "spectrum"
     assert records.kind_of("spectrum") is None  # one record per curvature
