@@ -166,6 +166,46 @@ def benchmark(d: Path) -> List[str]:
     return _table(headers, ":-- :-- :-- --: --: --: --: --: --: --: --: --:", body)
 
 
+def _ci(row: Dict[str, str], key: str) -> str:
+    """A gain in accuracy points with its interval: ``+14.7 [+12.4, +17.0]``."""
+    return f"{_pts(row[key])} [{_pts(row[key + '_lo'])}, {_pts(row[key + '_hi'])}]"
+
+
+def fresh(d: Path) -> List[str]:
+    """The fresh test set: every choice on dev, measured once on unused training rows."""
+    body = [
+        [r["checkpoint"], r["method"], f"{int(r['rows']):,}", f"{float(r['unmasked']) * 100:.1f} %",
+         f"{int(r['best_k']):,}", _ci(r, "gain"), _ci(r, "recalibration_alone"),
+         _ci(r, "beyond_recalibration")]
+        for r in _rows(d, "results-fresh.csv")
+    ]  # fmt: skip
+    headers = ["checkpoint", "method", "fresh rows", "unmasked", "k (chosen on dev)",
+               "gain [95 % CI]", "recalibration alone", "beyond recalibration"]  # fmt: skip
+    return _table(headers, ":-- :-- --: --: --: --: --: --:", body)
+
+
+def splits(d: Path) -> List[str]:
+    """Repeated splits: the held-out numbers over split seeds (mean ± sd [range])."""
+
+    def spread(r: Dict[str, str], key: str) -> str:
+        return (f"{_pts(r[key + '_mean'])} ± {float(r[key + '_sd']) * 100:.1f} "
+                f"[{_pts(r[key + '_min'])}, {_pts(r[key + '_max'])}]")  # fmt: skip
+
+    body = [
+        [r["checkpoint"], r["method"], str(len(_json_list_of(r["seeds"]))), spread(r, "gain"),
+         spread(r, "beyond")]
+        for r in _rows(d, "results-splits.csv")
+        if len(_json_list_of(r["seeds"])) > 1
+    ]  # fmt: skip
+    headers = ["checkpoint", "method", "splits", "held-out gain: mean ± sd [range]",
+               "beyond recalibration: mean ± sd [range]"]  # fmt: skip
+    return _table(headers, ":-- :-- --: --: --:", body)
+
+
+def _json_list_of(text: str) -> List[int]:
+    return [int(x) for x in json.loads(text)]
+
+
 def spectrum(d: Path) -> List[str]:
     body = [
         [
@@ -191,6 +231,10 @@ def summary(d: Path) -> str:
         "\n".join(by_k(d)),
         "## Curvature spectrum", "\n".join(spectrum(d)),
     ]  # fmt: skip
+    if _rows(d, "results-splits.csv"):
+        blocks += ["## Repeated splits", "\n".join(splits(d))]
+    if _rows(d, "results-fresh.csv"):
+        blocks += ["## Fresh test set (chosen on dev, measured once)", "\n".join(fresh(d))]
     # The methods benchmark runs measure fidelity; the main runs do not (their block would be empty).
     if any(r["single_spearman"] for r in _rows(d, "results-benchmark.csv")):
         blocks += ["## Methods benchmark", "\n".join(benchmark(d))]
