@@ -82,3 +82,15 @@ def test_analyze_measures_dev_choices_once_on_fresh_rows(workspace, finetuned, t
     assert "Fresh test set" in text and "| gradient | 12 |" in text.replace(ckpt.name + " ", "")
     assert _analyze(data, finetuned, out, *extra, methods="gradient,taylor", ks="5,50",
                     samples="0") == 0  # fmt: skip
+
+
+def test_analyze_refuses_fresh_rows_it_cannot_draw_before_any_work(workspace, finetuned,  # noqa: F811
+                                                                   tmp_path, capsys):  # fmt: skip
+    _, data, _ = workspace
+    out = tmp_path / "an"
+    rc = _analyze(data, finetuned, out, "--fresh-rows", "100", methods="gradient", ks="5",
+                  samples="0")  # fmt: skip
+    assert rc == 1
+    assert "100 rows asked, 16 unused rows left" in capsys.readouterr().err
+    # Nothing written but the log: no run index, no checkpoint directory.
+    assert not (out / "analysis.json").exists() and not [p for p in out.iterdir() if p.is_dir()]

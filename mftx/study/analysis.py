@@ -38,6 +38,7 @@ from ..core.params import ParamSpace, select_params
 from ..curvature.spectra import spectrum
 from ..errors import ConvergenceWarning
 from ..evaluate import evaluate
+from ..models import read_metadata
 from ..ops.indexing import FlatIndex
 from ..scores import METHODS, Scores
 from ..scoring import ScoreConfig, score_with_config
@@ -87,6 +88,14 @@ def analyze(
     names = [Path(c).name for c in checkpoints]
     if len(set(names)) != len(names):
         raise ValueError(f"checkpoint directory names must differ: {names}")
+    if cfg.fresh_rows:  # every checkpoint can have its fresh rows, before any work
+        for path in checkpoints:
+            meta_file = Path(path) / "mftx.json"
+            meta = read_metadata(Path(path)) if meta_file.is_file() else {}
+            try:
+                unused_rows(cfg.data, meta, cfg.fresh_rows, cfg.fresh_seed)
+            except ValueError as err:
+                raise ValueError(f"{Path(path).name}: {err}") from None
     out.mkdir(parents=True, exist_ok=True)
     config = asdict(cfg)
     if cfg.data is not None:
