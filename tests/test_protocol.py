@@ -14,6 +14,7 @@ import mftx
 from mftx.models import load_classifier
 from mftx.ops.indexing import FlatIndex
 from mftx.study import groups, protocol
+from mftx.study.fidelity import implied_change
 from mftx.study.heldout import DevRows, RowSplit, best_offset, encode_rows, row_metrics, two_fold
 from mftx.study.protocol import Heldout, ProtocolPoint, RowStats
 
@@ -92,7 +93,7 @@ def test_group_fidelity_matches_brute_force_zeroing(heldout_run):
     root, data, out, ckpt = heldout_run
     ck = out / ckpt.name
     rec = _json(ck / "groupfid.json")
-    assert rec["state"] == "complete" and rec["settings"]["rows"] == "B"
+    assert rec["state"] == "complete" and rec["settings"]["rows"] == "A+B"
     gf = rec["result"]
     origins = {(s["origin"], s["k"]) for s in gf["samples"]}
     assert ("random", 2) in origins and ("top-taylor", 20) in origins
@@ -121,28 +122,65 @@ def test_group_fidelity_matches_brute_force_zeroing(heldout_run):
         )
     }
 
-    def loss_b():
+    def summed(half):
         total = 0.0
         with torch.no_grad():
-            for b in rows.batches_for(split.b):
+            for b in rows.batches_for(half):
                 z = model(**{k: v for k, v in b.items() if k != "labels"}).logits
                 total += float(F.cross_entropy(z, b["labels"], reduction="sum"))
-        return total / len(split.b)
+        return total
 
-    base = loss_b()
-    assert gf["base_loss"] == pytest.approx(base, rel=1e-12)
+    def losses():
+        a, b = summed(split.a), summed(split.b)
+        return {"A": a / len(split.a), "B": b / len(split.b), "all": (a + b) / 24}
+
+    base = losses()
+    assert gf["base_loss"] == pytest.approx(base["B"], rel=1e-12)
+    assert gf["base_losses"] == pytest.approx(base, rel=1e-12)
+
+    def flat(name):
+        s = mftx.Scores.load(ck / f"scores-{name}.safetensors")
+        return torch.cat([t.reshape(-1).double() for t in s.tensors()])
+
+    taylor_sets = {"A": flat("taylor@A"), "B": flat("taylor@B"), "all": flat("taylor")}
+    gradient_pred = torch.cat([t.reshape(-1).double() for t in implied_change(
+        mftx.Scores.load(ck / "scores-gradient.safetensors"))])  # fmt: skip
     checked = 0
     for sample in gf["samples"]:
         if sample["key"] not in subs:
             continue
         sub = subs[sample["key"]]
         with mftx.masked(space, groups.to_candidates(sub.index, space.numels)):
-            actual = loss_b() - base
-        assert sample["actual"] == pytest.approx(actual, rel=1e-9, abs=1e-15)
-        pred = torch.cat([t.reshape(-1).double() for t in taylor.tensors()])[sub.index].sum()
-        assert sample["predicted"]["taylor"] == pytest.approx(float(pred))
+            now = losses()
+        actual = {n: now[n] - base[n] for n in now}
+        assert sample["actual"] == pytest.approx(actual["B"], rel=1e-9, abs=1e-15)
+        assert sample["actual_rows"] == pytest.approx(actual, rel=1e-9, abs=1e-15)
+        # Every score set's prediction: taylor's from its own set, the gradient rule's
+        # (no validation gradient) from its one set whatever the direction.
+        assert sample["predicted"]["taylor"] == pytest.approx(
+            float(taylor_sets["A"][sub.index].sum())
+        )
+        for n in ("B", "all"):
+            want = float(taylor_sets[n][sub.index].sum())
+            assert sample["predicted_sets"][n]["taylor"] == pytest.approx(want)
+            assert sample["predicted_sets"][n]["gradient"] == sample["predicted"]["gradient"]
+        assert sample["predicted"]["gradient"] == pytest.approx(
+            float(gradient_pred[sub.index].sum())
+        )
         checked += 1
     assert checked >= 3
+    # Directions: each summary group against a direct Spearman over its pairs.
+    samples = [groups.GroupSample.from_json(mftx.fileio.Reader(x, "x")) for x in gf["samples"]]
+    for d, (scores, measured) in groups.DIRECTIONS.items():
+        pick = [x for x in samples if x.origin == "random" and x.k == 20]
+        pred = [(x.predicted if scores == "A" else x.predicted_sets[scores])["taylor"]
+                for x in pick]  # fmt: skip
+        act = [x.actual_rows[measured] for x in pick]
+        group = "random k=20" if d == "A→B" else f"random k=20 {d}"
+        got = gf["summary"]["taylor"][group]
+        assert got["n"] == 3 and got["spearman"] == pytest.approx(
+            groups.statistics.spearman(pred, act), nan_ok=True
+        )
 
 
 def _glob(layout, c):
@@ -306,3 +344,67 @@ def test_random_summary_means_and_spreads():
     # k = 0 is a candidate: B->A picks no masking (0.6 on B beats 0.6 / 0.6 by the smaller k).
     ba = r["folds"][1]
     assert ba["best_k"] == 0 and ba["gain"] == 0.0 and ba["sd"] == 0.0
+
+
+# ------------------------------------------------------------------ sensitivity of truncations
+
+
+def test_truncation_families_group_labels_by_everything_but_the_count():
+    from mftx.study.config import AnalyzeConfig
+    from mftx.study.sensitivity import families
+
+    cfg = AnalyzeConfig(max_iter=100, rank=20)
+    got = families(["influence", "influence-minres-it200", "influence-ekfac", "gradient",
+                    "influence-ggn-it5", "influence-lanczos-r100", "influence-lanczos",
+                    "influence-cg-it10"], cfg)  # fmt: skip
+    assert got == {
+        "influence": ("max_iter", [(100, "influence"), (200, "influence-minres-it200")]),
+        "influence-lanczos": ("rank", [(20, "influence-lanczos"), (100, "influence-lanczos-r100")]),
+    }  # a family of one (GGN, CG) is no comparison
+
+
+def test_sensitivity_records_overlap_and_change_between_truncations(workspace, finetuned, tmp_path):  # noqa: F811
+    from mftx.study import sensitivity
+    from mftx.study.report import load_run
+    from mftx.study.report.sensitivity_tables import sensitivity_rows, sensitivity_table
+
+    root, data, _ = workspace
+    out = tmp_path / "sens"
+    methods = "influence-minres-it2,influence-minres-it6,influence-lanczos-r2,influence-lanczos-r3"
+    rc = _analyze(data, finetuned, out, "--heldout", "--location-ks", "5,40", "--tol", "0", methods=methods,
+                  ks="5,50", samples="0")  # fmt: skip
+    assert rc == 0
+    ckpt = next(p for p in finetuned.iterdir() if (p / "mftx.json").is_file())
+    ck = out / ckpt.name
+    assert _json(ck / "scores-influence-minres-it2.json")["result"]["iterations"] == 2
+    assert _json(ck / "scores-influence-minres-it6.json")["result"]["iterations"] == 6
+    rec = _json(ck / "sensitivity-influence-minres.json")
+    assert rec["settings"]["ks"] == [5, 40]
+    res = rec["result"]
+    assert [m["setting"] for m in res["members"]] == [2, 6]
+    (pair,) = res["pairs"]
+    a = mftx.Scores.load(ck / "scores-influence-minres-it2.safetensors")
+    b = mftx.Scores.load(ck / "scores-influence-minres-it6.safetensors")
+    layout = FlatIndex.of(a.tensors())
+    for k in (5, 40):
+        ta, tb = (
+            set(_glob(layout, a.candidates(k)).tolist()),
+            set(_glob(layout, b.candidates(k)).tolist()),
+        )
+        assert pair["overlap"][str(k)] == len(ta & tb) / k
+    fa = torch.cat([t.reshape(-1).double() for t in a.tensors()])
+    fb = torch.cat([t.reshape(-1).double() for t in b.tensors()])
+    assert pair["relative_change"] == pytest.approx(float((fb - fa).norm() / fb.norm()), rel=1e-9)
+    assert sensitivity.compare(a, a, [5])["overlap"] == {"5": 1.0}
+    lanczos = _json(ck / "sensitivity-influence-lanczos.json")["result"]
+    assert lanczos["parameter"] == "rank" and [m["setting"] for m in lanczos["members"]] == [2, 3]
+
+    run = load_run(out)
+    rows = sensitivity_rows(run)
+    assert [r["method"] for r in rows] == ["influence-lanczos-r2", "influence-lanczos-r3",
+                                           "influence-minres-it2", "influence-minres-it6"]  # fmt: skip
+    assert rows[2]["solve"].startswith("MINRES, 2 it., rel. residual")
+    assert rows[2]["next_setting"] == 6 and rows[3]["next"] is None
+    assert rows[2]["heldout_gain"] is not None
+    table = sensitivity_table(run)
+    assert "| 6 it." in table and "rank 3" in table

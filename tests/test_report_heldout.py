@@ -226,6 +226,36 @@ def test_group_fidelity_tables(tmp_path: Path) -> None:
     assert [r[2] for r in means] == ["2", "20", "2", "20"]
 
 
+def test_group_fidelity_directions_table(tmp_path: Path) -> None:
+    # Measured on both halves: taylor's A scores predict A's change exactly (in-sample
+    # A→A = +1), B's scores predict B (+1), the all-rows scores predict the opposite of
+    # the all-rows change (-1); across halves the actual change on B is reversed (-1).
+    samples = []
+    for i, a in enumerate([0.1, 0.3, 0.2, 0.5]):
+        rows = {"A": a, "B": -a, "all": 2 * a}
+        sets = {"B": {"taylor": -3 * a}, "all": {"taylor": -a}}
+        samples.append(GroupSample("random", 5, f"r{i}", -a, {"taylor": a}, None, rows, sets))
+    old = GroupSample("random", 50, "old", 0.1, {"taylor": 0.2})  # one half measured only
+    samples.append(old)
+    gf = GroupFidelity("A+B", 0.7, samples, groups.summarize(samples, resamples=50, seed=0))
+    assert "random k=50 B→A" not in gf.summary["taylor"]
+    files = {"checkpoint": checkpoint_rec("c", 0.6), "groupfid": rec("groupfid", gf)}
+    run = load_run(make_run(tmp_path, {"c": files}))
+    rows = table_rows(groupfid_tables.group_direction_table(run))
+    one, minus = "1.000 [1.000, 1.000]", "-1.000 [-1.000, -1.000]"
+    # columns: all, A→A, B→B, A→B, B→A
+    assert rows == [["c", "taylor", "5", minus, one, one, minus, minus, "4"]]
+    assert groupfid_tables.group_direction("random k=5 B→A") == "B→A"
+    assert groupfid_tables.group_direction("random k=5") == "A→B"
+    assert groupfid_tables.group_origin("random k=5 all") == ("random", 5)
+    # A record measured on one half only has no direction table.
+    files["groupfid"] = rec("groupfid", _groupfid())
+    assert (
+        groupfid_tables.group_direction_table(load_run(make_run(tmp_path / "b", {"c": files})))
+        == ""
+    )
+
+
 # --------------------------------------------------------------------------- location
 
 

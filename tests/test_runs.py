@@ -139,7 +139,7 @@ def test_file_names_and_kinds():
 
     assert set(records.stage_kinds()) == {
         "checkpoint", "scores", "sweep", "overlap", "fidelity", "split", "heldout", "groupfid",
-        "location", "spectrum", "fresh", "splits",
+        "location", "spectrum", "fresh", "splits", "sensitivity",
     }  # fmt: skip
     assert records.kind_of("spectrum-hessian") == "spectrum"
     assert records.kind_of("spectrum") is None  # one record per curvature

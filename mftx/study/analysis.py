@@ -7,6 +7,9 @@ For each checkpoint, every stage writes one record (see `mftx.study.records`) in
 - ``scores-<method>.json`` (+ ``.safetensors``): each method's scores;
 - ``sweep-<method>.json``: dev accuracy with the top-k candidates masked, per k;
 - ``overlap-<influence method>.json``: gradient-flagged against influence-beneficial;
+- ``sensitivity-<family>.json``: one influence solve at several iteration caps or ranks
+  (labels ``…-it<N>``, ``…-r<N>``): top-k overlap and change of the scores between
+  neighbouring settings (`mftx.study.sensitivity`);
 - ``fidelity.json``: predicted against actual loss change of zeroing single parameters;
 - ``location-<method>.json``, ``spectrum-<curvature>.json``: where the top-k sets
   live, and the curvature's spectrum;
@@ -42,7 +45,7 @@ from ..models import read_metadata
 from ..ops.indexing import FlatIndex
 from ..scores import METHODS, Scores
 from ..scoring import ScoreConfig, score_with_config
-from . import crossfit, parallel
+from . import crossfit, parallel, sensitivity
 from .checkpoint import Checkpoint
 from .config import AnalyzeConfig, parse_method
 from .fidelity import run_fidelity
@@ -52,6 +55,7 @@ from .location import Location, location_table, space_table
 from .protocol import RepeatedSplits
 from .records import Baseline, CheckpointInfo, Overlap, RunIndex, ScoresInfo, Sweep, SweepPoint
 from .report.summaries import split_summary
+from .sensitivity import Sensitivity
 from .stages import Stage, digest_batches, digest_tensors
 
 __all__ = ["analyze", "overlap"]
@@ -138,6 +142,8 @@ def _analyze_checkpoint(ck: Checkpoint, cfg: AnalyzeConfig) -> None:
         for label in scores:
             if parse_method(label).method == "influence":
                 _overlap(ck, scores, digests, label)
+    for family, (parameter, members) in sensitivity.families(list(scores), cfg).items():
+        _sensitivity(ck, family, parameter, members, scores, digests, cfg.location_ks)
     if cfg.fidelity_samples > 0:
         settings = {"data": ck.eval_settings, "dtype": cfg.fidelity_dtype}
         stage = ck.stage("fidelity", None, settings, ck.dev_inputs())
@@ -430,6 +436,22 @@ def _overlap(ck, scores: Dict[str, Scores], digests: Dict[str, str], label: str)
     if prev is not None:
         return prev.result
     return stage.save(overlap(scores["gradient"], scores[label], label)).result
+
+
+def _sensitivity(ck, family: str, parameter: str, members: List[Tuple[int, str]],
+                 scores: Dict[str, Scores], digests: Dict[str, str], ks) -> Sensitivity:  # fmt: skip
+    """Top-k overlap and relative change between each truncation and the next longer one."""
+    ks = masking.check_ks(list(ks))
+    inputs = {f"scores-{label}": digests[label] for _, label in members}
+    stage = ck.stage("sensitivity", family, {"ks": ks, "parameter": parameter}, inputs)
+    prev = stage.previous()
+    if prev is not None:
+        return prev.result
+    pairs = []
+    for (_, a), (_, b) in zip(members, members[1:]):
+        pairs.append({"from": a, "to": b, **sensitivity.compare(scores[a], scores[b], ks)})
+    rec = Sensitivity(family, parameter, [{"label": m, "setting": n} for n, m in members], pairs)
+    return stage.save(rec).result
 
 
 def _location(ck, space: ParamSpace, label: str, s: Scores, digest: str, ks) -> Location:

@@ -6,6 +6,7 @@ Read by the analysis stages (`mftx.study.analysis`), the held-out stages
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple, Union
@@ -21,8 +22,10 @@ __all__ = [
     "DEFAULT_GROUP_KS",
     "DEFAULT_KS",
     "DEFAULT_LOCATION_KS",
+    "ITERATIVE_SOLVERS",
     "AnalyzeConfig",
     "Variant",
+    "lanczos_steps",
     "parse_method",
 ]
 
@@ -154,17 +157,38 @@ class AnalyzeConfig:
         so a rerun with another validation set or damping costs no curvature product."""
         v = parse_method(label)
         solver = v.solver or self.solver
+        if v.max_iter is not None and solver not in ITERATIVE_SOLVERS:
+            raise ValueError(
+                f"{label!r}: it{v.max_iter} caps an iterative solve "
+                f"({', '.join(ITERATIVE_SOLVERS)}), not solver {solver!r}"
+            )
+        if v.rank is not None and solver != "lanczos":
+            raise ValueError(
+                f"{label!r}: r{v.rank} is the rank of solver 'lanczos', not {solver!r}"
+            )
+        rank = v.rank or self.rank
         lowrank = None
         if out is not None and solver == "lanczos" and v.method == "influence":
             lowrank = str(Path(out) / f"lowrank-{label}.safetensors")
         return ScoreConfig(
             method=v.method, solver=solver, curvature=v.curvature or self.curvature,
-            damping=v.damping or self.damping, rank=self.rank, fisher=self.fisher, lowrank_file=lowrank,
-            max_iter=self.max_iter, tol=self.tol, lr=self.lr, hvp_mode=self.hvp_mode,
+            damping=v.damping or self.damping, rank=rank, fisher=self.fisher, lowrank_file=lowrank,
+            max_iter=v.max_iter or self.max_iter, tol=self.tol, lr=self.lr, hvp_mode=self.hvp_mode,
             cache_graphs=self.cache_graphs and self.hvp_mode == "double-backward",
             hvp_batches=self.hvp_batches, on_negative_curvature=self.on_negative_curvature,
             progress=self.progress,
+            **({"lanczos_steps": lanczos_steps(rank)} if solver == "lanczos" else {}),
         )  # fmt: skip
+
+
+#: Solvers whose iteration count a label's ``it<N>`` token may cap.
+ITERATIVE_SOLVERS = ("minres", "cg")
+
+
+def lanczos_steps(rank: int) -> int:
+    """The Lanczos step cap for a low-rank inverse of `rank` pairs: 60 (the library's
+    default, 3 × the default rank 20), or 1.5 × rank for larger ranks."""
+    return max(60, (3 * rank + 1) // 2)
 
 
 @dataclass(frozen=True)
@@ -175,6 +199,8 @@ class Variant:
     curvature: Optional[str] = None
     solver: Optional[str] = None
     damping: Optional[str] = None
+    max_iter: Optional[int] = None
+    rank: Optional[int] = None
 
 
 #: Label tokens after the method: curvatures, solvers and 'auto' (damping='auto').
@@ -185,31 +211,46 @@ def _label_tokens() -> Dict[str, Tuple[str, str]]:
     return tokens
 
 
+_COUNT_TOKENS = {"it": "max_iter", "r": "rank"}
+
+
+def _count_token(tok: str) -> Optional[Tuple[str, int]]:
+    """``it<N>`` -> ("max_iter", N), ``r<N>`` -> ("rank", N) (N >= 1, no leading zero)."""
+    m = re.fullmatch(r"(it|r)([1-9][0-9]*)", tok)
+    return None if m is None else (_COUNT_TOKENS[m.group(1)], int(m.group(2)))
+
+
 def parse_method(label: str) -> Variant:
     """A method label: the method, then optional tokens that override the run's settings
     for that method only, in any order, each kind at most once:
 
     - a curvature (``hessian``, ``ggn``),
     - a solver (``minres``, ``cg``, ``lissa``, ``explicit``, ``lanczos``, ``ekfac``),
-    - ``auto``: damping="auto".
+    - ``auto``: damping="auto",
+    - ``it<N>``: at most N iterations (solver ``minres`` or ``cg``),
+    - ``r<N>``: rank N (solver ``lanczos``; its step cap grows with it, `lanczos_steps`).
 
     'influence' -> Variant('influence'); 'influence-ggn-cg' -> the GGN solved by CG;
-    'influence-cg-auto' -> auto-damped CG on the Hessian. So one analysis compares
-    second-order variants side by side. Tokens other than a curvature apply to
-    ``influence`` only (the other methods have no solve).
+    'influence-cg-auto' -> auto-damped CG on the Hessian; 'influence-minres-it200' ->
+    MINRES capped at 200 iterations. So one analysis compares second-order variants
+    side by side (and one solver at several truncations). Tokens other than a curvature
+    apply to ``influence`` only (the other methods have no solve).
     """
     method, *rest = label.split("-")
     if method not in METHODS:
         raise ValueError(
             f"unknown method {label!r}; one of {sorted(METHODS)}, optionally followed by "
-            "-<curvature>, -<solver>, -auto"
+            "-<curvature>, -<solver>, -auto, -it<N>, -r<N>"
         )
     tokens = _label_tokens()
-    found: Dict[str, str] = {}
+    found: Dict[str, Union[str, int]] = {}
     for tok in rest:
-        if tok not in tokens:
-            raise ValueError(f"unknown variant {tok!r} in {label!r}; one of {sorted(tokens)}")
-        kind, value = tokens[tok]
+        count = _count_token(tok)
+        if tok not in tokens and count is None:
+            raise ValueError(
+                f"unknown variant {tok!r} in {label!r}; one of {sorted(tokens)}, it<N> or r<N>"
+            )
+        kind, value = tokens[tok] if count is None else count
         if kind in found:
             raise ValueError(f"{label!r} names the {kind} twice ({found[kind]!r}, {value!r})")
         if kind != "curvature" and method != "influence":

@@ -8,8 +8,9 @@ each as a resumable record in the checkpoint's output directory:
 - ``heldout-<method>.json``: every sweep point of every score set measured on all
   rows and on each half, with the recalibration control (`mftx.study.protocol.run_sweeps`);
 - ``heldout-random.json``: the random-k control (`mftx.study.protocol.run_random`);
-- ``groupfid.json``: group fidelity, predictions from half A's scores against the
-  actual change of loss on half B when whole subsets are zeroed (`mftx.study.groups`).
+- ``groupfid.json``: group fidelity, the actual change of loss on each half (and on
+  all rows) when whole subsets are zeroed, against the predictions of every score set:
+  in-sample and across halves in both directions (`mftx.study.groups`).
 
 Repeated splits (``split_seeds``): the same stages for each further split seed, in
 ``splits/seed<N>/`` below the checkpoint's directory (no random-k control nor group
@@ -92,23 +93,31 @@ def run(ck: Checkpoint, space: ParamSpace, cfg: AnalyzeConfig, scores: Dict[str,
         held["random"] = run_random(stage, space, cfg.ks, cfg.random_draws, cfg.split_seed,
                                     ck.model, ck.rows, split, cfg.progress)  # fmt: skip
     if cfg.group_subsets:
-        # Predictions from the selection half A, actual changes on the evaluation half B.
-        # (methods that do not use the validation gradient have only the all-rows set).
-        chosen = {label: sets["A" if uses_validation(label) else "all"][0]
-                  for label, sets in sets_of.items()}  # fmt: skip
-        _group_fidelity(ck, space, cfg, split, chosen)
+        # Predictions from every score set (all rows, half A, half B; methods that do not
+        # use the validation gradient have only the all-rows set), actual changes on both
+        # halves: in-sample and across halves, both ways.
+        by_set = {
+            label: {n: sets[n if uses_validation(label) else "all"][0] for n in ("all", "A", "B")}
+            for label, sets in sets_of.items()
+        }  # fmt: skip
+        _group_fidelity(ck, space, cfg, split, by_set)
     return split, held
 
 
 def _group_fidelity(ck, space: ParamSpace, cfg: AnalyzeConfig, split: RowSplit,
-                    fold_scores: Dict[str, Scores]) -> GroupFidelity:  # fmt: skip
-    methods = {m: s for m, s in fold_scores.items() if s.method != "magnitude"}
+                    by_set: Dict[str, Dict[str, Scores]]) -> GroupFidelity:  # fmt: skip
+    """`by_set[method][s]`: the method's scores from score set s (``all``, ``A``, ``B``).
+    Subsets are drawn from the A scores' rankings (as before directions were added)."""
+    methods = {m: sets["A"] for m, sets in by_set.items() if sets["A"].method != "magnitude"}
     layout = FlatIndex(space.numels)
     ks = masking.check_ks(list(cfg.group_ks))
-    preds = {
-        m: torch.cat([t.reshape(-1).to(torch.float64) for t in implied_change(s)])
-        for m, s in methods.items()
-    }
+
+    def flat(s: Scores) -> torch.Tensor:
+        return torch.cat([t.reshape(-1).to(torch.float64) for t in implied_change(s)])
+
+    preds = {m: flat(s) for m, s in methods.items()}
+    other = {n: {m: flat(by_set[m][n]) if by_set[m][n] is not s else preds[m]
+                 for m, s in methods.items()} for n in ("all", "B")}  # fmt: skip
 
     def glob(c):
         return layout.to_global(c.tensor_index, c.flat_index)
@@ -117,7 +126,7 @@ def _group_fidelity(ck, space: ParamSpace, cfg: AnalyzeConfig, split: RowSplit,
     flagged = {m: glob(s.flagged()) for m, s in methods.items() if METHODS[s.method]["flag"]}
     subsets = groups.draw(layout.total, ks, cfg.group_subsets, cfg.split_seed, ranked, flagged,
                           cfg.group_flagged)  # fmt: skip
-    settings = {"data": ck.eval_settings, "split": _split_id(split), "rows": "B",
+    settings = {"data": ck.eval_settings, "split": _split_id(split), "rows": "A+B",
                 "dtype": cfg.fidelity_dtype}  # fmt: skip
     stage = ck.stage("groupfid", None, settings, ck.dev_inputs())
     prev = stage.previous()
@@ -127,13 +136,16 @@ def _group_fidelity(ck, space: ParamSpace, cfg: AnalyzeConfig, split: RowSplit,
         prev is not None and prev.complete and keys <= set(done)
         and not _needs_quadratic(subsets, done, cfg.group_quadratic)
     ):  # fmt: skip
-        samples, base = [done[x.key()] for x in subsets], prev.result.base_loss
+        samples, base = [done[x.key()] for x in subsets], prev.result.base_losses
     else:
-        base = prev.result.base_loss if prev is not None else None
+        base = (prev.result.base_losses or None) if prev is not None else None
         samples, base = _measure_groups(ck, space, cfg, split, subsets, preds, done, stage, base)
     for sample, sub in zip(samples, subsets):  # predictions follow the current scores
         sample.predicted = {m: float(p[sub.index].sum()) for m, p in preds.items()}
-    return stage.save(GroupFidelity("B", base, samples, groups.summarize(samples))).result
+        sample.predicted_sets = {n: {m: float(p[sub.index].sum()) for m, p in ps.items()}
+                                 for n, ps in other.items()}  # fmt: skip
+    record = GroupFidelity("A+B", base["B"], samples, groups.summarize(samples), base)
+    return stage.save(record).result
 
 
 def _quadratic_keys(subsets, n: int) -> set:
@@ -162,16 +174,22 @@ def _measure_groups(ck, space, cfg, split, subsets, preds, done, stage, base):
     model = copy.deepcopy(ck.model).to(dtype).eval()
     own = dict(model.named_parameters())
     params = [own[n] for n in space.names]
-    eval_batches = ck.rows.batches_for(split.b)
+    halves = {"A": ck.rows.batches_for(split.a), "B": ck.rows.batches_for(split.b)}
 
     @torch.inference_mode()
-    def loss() -> float:
-        total, n = 0.0, 0
-        for b in eval_batches:
-            logits = model(**{k: v for k, v in b.items() if k != "labels"}).logits
-            total += float(F.cross_entropy(logits.double(), b["labels"], reduction="sum"))
-            n += b["labels"].shape[0]
-        return total / n
+    def loss() -> Dict[str, float]:
+        """Mean cross-entropy on each half and on all their rows."""
+        sums, counts = {}, {}
+        for name, batches in halves.items():
+            total, n = 0.0, 0
+            for b in batches:
+                logits = model(**{k: v for k, v in b.items() if k != "labels"}).logits
+                total += float(F.cross_entropy(logits.double(), b["labels"], reduction="sum"))
+                n += b["labels"].shape[0]
+            sums[name], counts[name] = total, n
+        out = {name: sums[name] / counts[name] for name in halves}
+        out["all"] = sum(sums.values()) / sum(counts.values())
+        return out
 
     quad_keys = _quadratic_keys(subsets, cfg.group_quadratic)
     quadratic = None
@@ -194,7 +212,7 @@ def _measure_groups(ck, space, cfg, split, subsets, preds, done, stage, base):
 
     def on_sample(x: GroupSample) -> None:
         kept.append(x)
-        stage.save(GroupFidelity("B", base, kept, {}), complete=False)
+        stage.save(GroupFidelity("A+B", base["B"], kept, {}, base), complete=False)
 
     samples = groups.measure(params, subsets, loss, preds, quadratic, reuse, on_sample,
                              cfg.progress, base=base)  # fmt: skip

@@ -4,8 +4,8 @@ From ``groupfid.json`` (`mftx.study.groups.GroupFidelity`): per method and group
 subsets, Spearman and Pearson across subsets with bootstrap 95 % intervals, and
 the mean predicted and actual change. Groups are named as in
 `mftx.study.groups.summarize`: ``random k=<k>``, ``random`` (pooled), ``all``,
-``top-<method> k=<k>``, ``flagged-<method> k=<k>`` and taylor's
-``random+quadratic``.
+``top-<method> k=<k>``, ``flagged-<method> k=<k>``, taylor's
+``random+quadratic``, and ``random k=<k> <direction>`` where both halves were measured.
 """
 
 from __future__ import annotations
@@ -20,12 +20,15 @@ from .tables import MISSING, fmt_count, markdown_table
 __all__ = [
     "GROUP_MEAN_HEADERS",
     "group_correlation_table",
+    "group_direction",
+    "group_direction_table",
     "group_mean_table",
     "group_origin",
     "group_rows",
 ]
 
-_GROUP = re.compile(r"^(random|top|flagged)(?:-.+?)? k=(\d+)$")
+_GROUP = re.compile(r"^(random|top|flagged)(?:-.+?)? k=(\d+)(?: (all|A→A|B→B|B→A))?$")
+_DIRECTIONS = ("A→B", "B→A", "all", "A→A", "B→B")
 _ORDER = {"random": 0, "random-pooled": 1, "all": 2, "random+quadratic": 3, "top": 4, "flagged": 5}
 
 
@@ -36,6 +39,13 @@ def group_origin(group: str) -> Tuple[str, Optional[int]]:
     if m:
         return m.group(1), int(m.group(2))
     return ("random-pooled" if group == "random" else group), None
+
+
+def group_direction(group: str) -> str:
+    """Which score set predicted and which rows measured: ``A→B`` (the groups without a
+    direction), or the suffix of ``random k=<k> <direction>`` (``all``, ``A→A``, …)."""
+    m = _GROUP.match(group)
+    return (m.group(3) if m else None) or "A→B"
 
 
 def _interval(stats: Dict[str, Any], name: str) -> List[Optional[float]]:
@@ -55,7 +65,12 @@ def group_rows(run: Run) -> List[Dict[str, Any]]:
 
             def key(g: str) -> Tuple[int, int, str]:
                 origin, k = group_origin(g)
-                return (_ORDER.get(origin, len(_ORDER)), k or 0, g)
+                return (
+                    _ORDER.get(origin, len(_ORDER)),
+                    k or 0,
+                    _DIRECTIONS.index(group_direction(g)),
+                    g,
+                )
 
             for g in sorted(groups, key=key):
                 s = groups[g]
@@ -63,7 +78,7 @@ def group_rows(run: Run) -> List[Dict[str, Any]]:
                 sp, pe = _interval(s, "spearman"), _interval(s, "pearson")
                 rows.append({
                     "checkpoint": ckpt.name, "method": method, "group": g, "origin": origin,
-                    "k": k, "n": s.get("n"), "rows": gf.rows,
+                    "k": k, "direction": group_direction(g), "n": s.get("n"), "rows": gf.rows,
                     "spearman": s.get("spearman"), "spearman_lo": sp[0], "spearman_hi": sp[1],
                     "pearson": s.get("pearson"), "pearson_lo": pe[0], "pearson_hi": pe[1],
                     "mean_predicted": s.get("mean_predicted"),
@@ -91,7 +106,7 @@ def group_correlation_table(run: Run) -> str:
 
     Taylor with the quadratic group term gets a row of its own (pooled only).
     """
-    rows = group_rows(run)
+    rows = [r for r in group_rows(run) if r["direction"] == "A→B"]
     if not rows:
         return ""
     ks = _random_ks(rows)
@@ -116,6 +131,28 @@ def group_correlation_table(run: Run) -> str:
     return markdown_table(headers, body, left=2)
 
 
+def group_direction_table(run: Run) -> str:
+    """Markdown: Spearman per random-subset size in-sample (all rows, A→A, B→B) and across
+    halves (A→B, B→A), bootstrap intervals ("" when no record measured both halves)."""
+    rows = [r for r in group_rows(run) if r["origin"] == "random" and r["k"] is not None]
+    if not any(r["direction"] != "A→B" for r in rows):
+        return ""
+    at = {(r["checkpoint"], r["method"], r["k"], r["direction"]): r for r in rows}
+    order = ("all", "A→A", "B→B", "A→B", "B→A")
+    headers = ["checkpoint", "method", "k", "in-sample, all rows", "in-sample A→A",
+               "in-sample B→B", "across A→B", "across B→A", "subsets"]  # fmt: skip
+    body = []
+    keys = dict.fromkeys((r["checkpoint"], r["method"], r["k"]) for r in rows)
+    for ckpt, method, k in keys:
+        if not any((ckpt, method, k, d) in at for d in order if d != "A→B"):
+            continue
+        first = at.get((ckpt, method, k, "all")) or at[(ckpt, method, k, "A→B")]
+        body.append([ckpt, method, fmt_count(k),
+                     *[_ci(at.get((ckpt, method, k, d)), "spearman") for d in order],
+                     fmt_count(first["n"])])  # fmt: skip
+    return markdown_table(headers, body, left=2)
+
+
 GROUP_MEAN_HEADERS = (
     "checkpoint", "method", "k", "random: predicted", "random: actual", "top-k: predicted",
     "top-k: actual", "flagged: predicted", "flagged: actual",
@@ -124,7 +161,7 @@ GROUP_MEAN_HEADERS = (
 
 def group_mean_table(run: Run) -> str:
     """Markdown: mean predicted and actual loss change of random, top-k and flagged subsets."""
-    rows = group_rows(run)
+    rows = [r for r in group_rows(run) if r["direction"] == "A→B"]
     if not rows:
         return ""
     cells: Dict[Tuple[str, str], Dict[int, Dict[str, Dict[str, Any]]]] = {}

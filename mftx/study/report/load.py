@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 from ... import fileio  # the last three register record kinds
 from ...fileio import FileFormatError
 from .. import fresh as fresh_test
-from .. import groups, location, protocol  # these register record kinds
+from .. import groups, location, protocol, sensitivity  # these register record kinds
 from ..records import CheckpointInfo, Fidelity, Overlap, RunIndex, ScoresInfo, Sweep
 from ..schema import Reader, StageRecord, kind_of, read_stage
 
@@ -126,6 +126,11 @@ class Checkpoint:
         """Each split seed's held-out numbers (``splits.json``; repeated cross-fitting)."""
         rec = self.records.get("splits")
         return None if rec is None else rec.result
+
+    @property
+    def sensitivities(self) -> Dict[str, sensitivity.Sensitivity]:
+        """Per family of truncations of one solve (``sensitivity-<family>.json``)."""
+        return _by_prefix(self.records, "sensitivity-")
 
     @property
     def heldouts(self) -> Dict[str, protocol.Heldout]:

@@ -22,7 +22,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .benchmark import benchmark_rows, benchmark_table, flag_rows, flag_table
 from .byk_tables import byk_rows, byk_table
-from .groupfid_tables import group_correlation_table, group_mean_table, group_rows
+from .groupfid_tables import (
+    group_correlation_table,
+    group_direction_table,
+    group_mean_table,
+    group_rows,
+)
 from .heldout_tables import (
     control_rows,
     control_table,
@@ -38,6 +43,7 @@ from .load import Run
 from .location_tables import kind_table, layer_table, location_rows
 from .names import figure_name
 from .seeds import seed_rows, seed_table
+from .sensitivity_tables import sensitivity_rows, sensitivity_table
 from .spectrum_tables import spectrum_rows, spectrum_table
 
 __all__ = ["SECTIONS", "Section", "section_parts", "section_rows"]
@@ -76,6 +82,18 @@ def _join(*parts: str) -> str:
 
 def _split_text(run: Run) -> str:
     return "\n".join(split_lines(run))
+
+
+def _group_directions(run: Run) -> str:
+    table = group_direction_table(run)
+    return table and _join(
+        "Per subset size, in-sample (the scores' own rows: all-rows scores on all rows, "
+        "half A's on A, half B's on B) and across halves (one half's scores, the other "
+        "half's loss). In-sample is the approximation alone; across halves adds whether "
+        "the change transfers to rows that did not choose. Spearman across the random "
+        "subsets of that size, bootstrap 95 % intervals:",
+        table,
+    )
 
 
 def _group_means(run: Run) -> str:
@@ -148,9 +166,9 @@ SEEDS_INTRO = (
     "measure, when fewer than all)."
 )
 GROUPFID_INTRO = (
-    "Subsets of k analysed parameters zeroed at once, actual change of loss measured on "
-    "evaluation half B, predicted as the sum of per-parameter predictions from scores of "
-    "half A. Spearman and Pearson across subsets, bootstrap 95 % intervals in brackets; "
+    "Subsets of k analysed parameters zeroed at once. First table: actual change of loss "
+    "measured on evaluation half B, predicted as the sum of per-parameter predictions from "
+    "scores of half A (the other directions follow where both halves were measured). Spearman and Pearson across subsets, bootstrap 95 % intervals in brackets; "
     "`+ ½ θ_Sᵀ H θ_S`: taylor plus the quadratic group term (the full second-order "
     "expansion) on the subsets where it was computed."
 )
@@ -175,6 +193,14 @@ LOCATION_INTRO = (
     "share of all analysed entries; 1.00× = chance) with the share of the set in "
     "parentheses, by module kind and weights against biases, then by transformer block."
 )
+SENSITIVITY_INTRO = (
+    "The same influence solve at several iteration caps (MINRES, CG) or ranks (Lanczos low "
+    "rank), each named by what it computed, with its held-out gain and gain beyond "
+    "recalibration (mean of the two folds, paired bootstrap 95 % intervals), and how much "
+    "the next longer setting changes it: the share of its top-k entries the next one "
+    "keeps, and the relative change of the scores. High overlap and small change: more "
+    "iterations would not change the answer."
+)
 SPECTRUM_INTRO = (
     "Extreme eigenvalues of the curvature (± the Lanczos error bound), its trace (± the "
     "standard error of the stochastic estimate) and the curvature products spent; the "
@@ -195,11 +221,14 @@ SECTIONS: Sequence[Section] = (
     Section("seeds", "Gains across fine-tuning seeds", "masking", seed_rows, SEEDS_INTRO,
             (seed_table,)),
     Section("groupfid", "Group fidelity: zeroing whole subsets", "fidelity", group_rows,
-            GROUPFID_INTRO, (group_correlation_table, _group_means), plot=True),
+            GROUPFID_INTRO, (group_correlation_table, _group_directions, _group_means),
+            plot=True),
     Section("benchmark", "Methods benchmark", "solves", benchmark_rows, BENCHMARK_INTRO,
             (benchmark_table,)),
     Section("flags", "Flags against the measured effect of zeroing", "solves", flag_rows,
             FLAGS_INTRO, (flag_table,)),
+    Section("sensitivity", "Sensitivity of truncated solves", "solves", sensitivity_rows,
+            SENSITIVITY_INTRO, (sensitivity_table,)),
     Section("location", "Where the removed parameters live", "solves", location_rows,
             LOCATION_INTRO, (kind_table, layer_table), plot=True),
     Section("spectrum", "Curvature spectrum", "solves", spectrum_rows, SPECTRUM_INTRO,
