@@ -228,6 +228,13 @@ def test_analyze_under_torchrun_writes_the_single_process_records(root, analyzed
     assert r.returncode == 0, r.stderr[-4000:]
     assert r.stdout.count("| ckpt-30 | hessian |") == 1  # rank 0 printed the tables, once
     _assert_same(root / "an", root / "an-2")
-    for name in ("analyze.log", "analyze.rank1.log"):  # both processes computed stages
-        assert "scoring with" in (root / "an-2" / name).read_text(), name
+    logs = [(root / "an-2" / n).read_text() for n in ("analyze.log", "analyze.rank1.log")]
+    # Each method's scores were computed by one process only (spread by method: rank 0 the
+    # gradient rule and taylor, rank 1 influence's three systems in one solve), not twice.
+    both = "".join(logs)
+    assert both.count("scoring influence on all, A, B in one solve") == 1
+    assert "in one solve" in logs[1]
+    for label in ("gradient", "taylor", "taylor@A", "taylor@B"):
+        assert both.count(f"scoring with {label}\n") == 1, label
+        assert f"scoring with {label}\n" in logs[0], label
     assert not [p for p in os.listdir(root / "an-2") if p.startswith(".parallel")]

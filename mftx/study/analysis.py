@@ -52,6 +52,7 @@ from .fidelity import run_fidelity
 from .fresh import run_fresh, unused_rows
 from .heldout import DevRows, RowSplit
 from .location import Location, location_table, space_table
+from .parallel import spread
 from .protocol import RepeatedSplits
 from .records import Baseline, CheckpointInfo, Overlap, RunIndex, ScoresInfo, Sweep, SweepPoint
 from .report.summaries import split_summary
@@ -126,18 +127,25 @@ def _analyze_checkpoint(ck: Checkpoint, cfg: AnalyzeConfig) -> None:
     space = select_params(ck.model)
     log.info("analysing %s: %d analysed parameters", ck.name, space.numel)
     info = _checkpoint_info(ck, space)
+    # Under torchrun, `spread` gives each method (curvature, split seed, …) to one process.
     spectra = {}
     if cfg.spectrum_steps:
-        for curvature in _curvatures(cfg):
-            spectra[curvature] = _spectrum(ck, space, curvature, cfg)
-    scores: Dict[str, Scores] = {}
-    digests: Dict[str, str] = {}
-    for label in cfg.methods:
+        curvatures = _curvatures(cfg)
+        got = spread(curvatures, lambda c: _spectrum(ck, space, c, cfg))
+        spectra = dict(zip(curvatures, got))
+
+    def one(label: str) -> Tuple[Scores, str]:
         if cfg.heldout:  # the all-rows and both folds' systems in one solve, where it can
             _scores_together(ck, space, label, cfg, spectra)
-        scores[label], digests[label] = _scores(ck, space, label, cfg, spectra=spectra)
-    for label, s in scores.items():
-        _sweep(ck, space, label, s, digests[label], cfg.ks, info.baseline, cfg.progress)
+        return _scores(ck, space, label, cfg, spectra=spectra)
+
+    methods = list(cfg.methods)
+    scores: Dict[str, Scores] = {}
+    digests: Dict[str, str] = {}
+    for label, (s, d) in zip(methods, spread(methods, one)):
+        scores[label], digests[label] = s, d
+    spread(methods, lambda m: _sweep(ck, space, m, scores[m], digests[m], cfg.ks, info.baseline,
+                                     cfg.progress))  # fmt: skip
     if "gradient" in scores:
         for label in scores:
             if parse_method(label).method == "influence":
@@ -151,22 +159,24 @@ def _analyze_checkpoint(ck: Checkpoint, cfg: AnalyzeConfig) -> None:
             stage, ck.model, space, ck.dev, scores, cfg.fidelity_samples, cfg.fidelity_dtype,
             progress=cfg.progress, desc=f"{ck.name} fidelity",
         )  # fmt: skip
-    for label, s in scores.items():
-        _location(ck, space, label, s, digests[label], cfg.location_ks)
+    spread(methods, lambda m: _location(ck, space, m, scores[m], digests[m], cfg.location_ks))
     if cfg.heldout:
         split, held = crossfit.run(ck, space, cfg, scores, digests,
                                    partial(_scores, ck, space, spectra=spectra))  # fmt: skip
         per_seed = [split_summary(split, held)]
-        for seed in cfg.split_seeds:
+
+        def other_split(seed: int) -> Dict[str, Any]:
             view = ck.view(Path("splits") / f"seed{seed}")
             # The random-k control and group fidelity stay on the main split.
             cfg_s = replace(cfg, split_seed=seed, group_subsets=0, random_draws=0)
             for label in cfg.methods:
                 _scores_together(view, space, label, cfg_s, spectra, sets=("A", "B"))
-            per_seed.append(split_summary(*crossfit.run(
+            return split_summary(*crossfit.run(
                 view, space, cfg_s, scores, digests, partial(_scores, view, space, spectra=spectra),
                 reference=False,
-            )))  # fmt: skip
+            ))  # fmt: skip
+
+        per_seed += spread(list(cfg.split_seeds), other_split)
         if cfg.split_seeds:
             _repeated_splits(ck, cfg, per_seed)
     if cfg.fresh_rows:
@@ -181,11 +191,15 @@ def _fresh(ck: Checkpoint, space: ParamSpace, cfg: AnalyzeConfig, scores: Dict[s
     settings = {"data": ck.eval_settings, "rows": cfg.fresh_rows, "draw_seed": cfg.fresh_seed,
                 "ks": sorted(set(cfg.ks))}  # fmt: skip
     k_max = max(cfg.ks)
-    for label, s in scores.items():
-        inputs = ck.dev_inputs(scores=digests[label], fresh=digest_batches(fresh.batches))
+    fresh_digest = digest_batches(fresh.batches)
+
+    def one(label: str) -> None:
+        inputs = ck.dev_inputs(scores=digests[label], fresh=fresh_digest)
         stage = ck.stage("fresh", label, settings, inputs)
         run_fresh(stage, space, ck.model, ck.rows, fresh, rows, cfg.fresh_seed,
-                  {label: s.candidates(k_max)}, cfg.ks, cfg.progress)  # fmt: skip
+                  {label: scores[label].candidates(k_max)}, cfg.ks, cfg.progress)  # fmt: skip
+
+    spread(list(scores), one)
 
 
 def _repeated_splits(ck: Checkpoint, cfg: AnalyzeConfig, per_seed: List[Dict[str, Any]]) -> None:

@@ -36,6 +36,7 @@ from .config import AnalyzeConfig
 from .fidelity import implied_change
 from .groups import GroupFidelity, GroupSample
 from .heldout import RowSplit, two_fold
+from .parallel import spread
 from .protocol import Heldout, SplitInfo, run_random, run_sweeps, uses_validation
 
 __all__ = ["run"]
@@ -70,28 +71,36 @@ def run(ck: Checkpoint, space: ParamSpace, cfg: AnalyzeConfig, scores: Dict[str,
     Returns the split and the held-out records by method (``random``: the control).
     """
     split = _split(ck, cfg)
-    sets_of: Dict[str, Dict[str, Tuple[Scores, str]]] = {}
-    for label, s in scores.items():
+
+    def score_sets(label: str) -> Dict[str, Tuple[Scores, str]]:
+        s = scores[label]
         sets = {"all": (s, digests[label])}
         if "val" in METHODS[s.method]["uses"]:
             for half in ("A", "B"):
                 sets[half] = score_fn(label, cfg, half=(half, split))
             if not reference:
                 del sets["all"]
-        sets_of[label] = sets
+        return sets
+
+    labels = list(scores)
+    sets_of = dict(zip(labels, spread(labels, score_sets)))
     base = {"data": ck.eval_settings, "split": _split_id(split)}
     k_max = max(cfg.ks)
-    held: Dict[str, Heldout] = {}
-    for label, sets in sets_of.items():
+
+    def sweeps(label: str) -> Heldout:
+        if label == "random":  # the random-k control
+            stage = ck.stage("heldout", "random", {**base, "seed": cfg.split_seed}, ck.dev_inputs())
+            return run_random(stage, space, cfg.ks, cfg.random_draws, cfg.split_seed,
+                              ck.model, ck.rows, split, cfg.progress)  # fmt: skip
+        sets = sets_of[label]
         inputs = ck.dev_inputs(**{f"scores@{n}": d for n, (_, d) in sets.items()})
         stage = ck.stage("heldout", label, base, inputs)
         cands = {n: sc.candidates(k_max) for n, (sc, _) in sets.items()}
-        held[label] = run_sweeps(stage, label, space, cands, cfg.ks, ck.model, ck.rows, split,
-                                 cfg.progress)  # fmt: skip
-    if cfg.random_draws:
-        stage = ck.stage("heldout", "random", {**base, "seed": cfg.split_seed}, ck.dev_inputs())
-        held["random"] = run_random(stage, space, cfg.ks, cfg.random_draws, cfg.split_seed,
-                                    ck.model, ck.rows, split, cfg.progress)  # fmt: skip
+        return run_sweeps(stage, label, space, cands, cfg.ks, ck.model, ck.rows, split,
+                          cfg.progress)  # fmt: skip
+
+    jobs = labels + (["random"] if cfg.random_draws else [])
+    held: Dict[str, Heldout] = dict(zip(jobs, spread(jobs, sweeps)))
     if cfg.group_subsets:
         # Predictions from every score set (all rows, half A, half B; methods that do not
         # use the validation gradient have only the all-rows set), actual changes on both

@@ -1,17 +1,22 @@
 """`mftx analyze` over several processes (``torchrun … -m mftx analyze …``): stages spread.
 
-Every process runs the same analysis, in the same order, on the whole data. The
-resumable stages (`mftx.study.stages.Stage`) are dealt out round-robin in the
-order the analysis creates them: the owner of a stage computes and writes it;
-every other process waits until the owner has gone past it (created the next
-stage, or finished) and then takes up its record exactly as a resumed run takes
-up a record on disk. Each result is computed whole by one process, with the
+Every process runs the same analysis, in the same order, on the whole data.
+Independent work is spread with `spread(keys, fn)`: key i is computed whole by
+process i mod world (every stage `fn` creates is that process's), each process
+then waits for the other keys' owners to say they are done and reads their
+records back exactly as a resumed run takes up records on disk. So while one
+process fits EK-FAC, another sweeps the gradient rule. Stages created outside
+`spread` are dealt out round-robin in the order the analysis creates them: the
+owner computes and writes it; every other process waits until the owner has gone
+past it (created the next stage, or finished) and then takes up its record; such
+stages run one after another. Each result is computed whole by one process, with the
 code and data of a single-process run, so the records are the same bytes as a
 single-process run's (timings aside); each file has exactly one writer; rank 0
 writes the run index (``analysis.json``) once every process is done.
 
 A stage uses only results created before it, so the waits end: the owner of the
-n-th stage reaches it once stages 0 … n−1 are done. Each process says how far it
+n-th stage reaches it once stages 0 … n−1 are done, and every process runs the
+same `spread` regions in the same order. Each process says how far it
 got in a small file of ``OUT/.parallel-<start>/``; a process that fails ends the
 run (torchrun stops the others).
 
@@ -25,13 +30,17 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 from .. import fileio
 
-__all__ = ["Split", "current", "from_env", "reset"]
+__all__ = ["Split", "current", "from_env", "reset", "spread"]
+
+K = TypeVar("K")
+R = TypeVar("R")
 
 #: Seconds between looks at another process's progress.
 POLL = 0.05
@@ -47,6 +56,10 @@ class Split:
     start_ns: int
     out: Optional[Path] = None
     created: int = field(default=0)
+    #: Inside `spread`: "own" (this process computes every stage created) or "read"
+    #: (stages are read from disk, written by their owner); None: round-robin stages.
+    mode: Optional[str] = None
+    regions: int = 0
 
     @property
     def writer(self) -> bool:
@@ -73,19 +86,34 @@ class Split:
             return 0
 
     def assign(self) -> Tuple[int, int]:
-        """(owner, index) of the next stage created (round-robin); says how far this got."""
+        """(owner, index) of the next stage created (round-robin); says how far this got.
+        Inside `spread`: (this rank, -1) when owning, (-1, -1) when reading back."""
+        if self.mode is not None:
+            return (self.rank if self.mode == "own" else -1), -1
         index = self.created
         self.created += 1
         self._say(self.created)
         return index % self.world, index
 
     def wait_past(self, owner: int, index: int) -> None:
-        """Until `owner` has created stage index+1 or finished."""
+        """Until `owner` has created stage index+1, entered a `spread` region after it, or
+        finished."""
         while True:
             got = self._heard(owner)
             if got == _DONE or got > index + 1:
                 return
             time.sleep(POLL)
+
+    @contextmanager
+    def _in(self, mode: str) -> Iterator[None]:
+        before, self.mode = self.mode, mode
+        try:
+            yield
+        finally:
+            self.mode = before
+
+    def _marker(self, region: int, i: int) -> Path:
+        return self.folder / f"region{region}-{i}"
 
     def finish(self) -> None:
         """Say this process is done; rank 0 waits for every other one, then tidies up."""
@@ -98,6 +126,38 @@ class Split:
 
 
 _current: Optional[Split] = None
+
+
+def spread(keys: Sequence[K], fn: Callable[[K], R]) -> List[R]:
+    """[fn(k) for k in keys], with key i computed by process i mod world under torchrun.
+
+    `fn` must be a function of its key and of results made before the call (not of
+    the other keys' results): its stages are computed whole by the key's owner, and
+    every process reads the others' back once their owners are done. In one process,
+    or inside another `spread`, it is the plain loop.
+    """
+    split = current()
+    if split is None or split.mode is not None:
+        return [fn(k) for k in keys]
+    region = split.regions
+    split.regions += 1
+    # Every stage created so far is done here: say so, or a process waiting for this
+    # one's last round-robin stage would wait while this one waits in the region.
+    split._say(split.created + 1)
+    out: List[Optional[R]] = [None] * len(keys)
+    mine = [i for i in range(len(keys)) if i % split.world == split.rank]
+    for i in mine:
+        with split._in("own"):
+            out[i] = fn(keys[i])
+        fileio.atomic_write(split._marker(region, i), "done")
+    for i, key in enumerate(keys):
+        if i in mine:
+            continue
+        while not split._marker(region, i).is_file():
+            time.sleep(POLL)
+        with split._in("read"):
+            out[i] = fn(key)
+    return out  # type: ignore[return-value]
 
 
 def current() -> Optional[Split]:

@@ -137,9 +137,13 @@ class Stage:
 
         A stage another process owns: its record once the owner has gone past it."""
         if not self.mine:
-            parallel.current().wait_past(self._owner, self._index)
-            if not self.path.is_file():
-                return None
+            if self._index < 0:  # read back inside `parallel.spread`: its owner is done
+                if not self.path.is_file():
+                    raise RuntimeError(f"{self.path}: its owner finished without writing it")
+            else:
+                parallel.current().wait_past(self._owner, self._index)
+                if not self.path.is_file():
+                    return None
             rec = schema.read_stage(self.path, self.kind, self.root)
             diff = self.differences(rec)
             if diff:
