@@ -222,6 +222,47 @@ def spectrum(d: Path) -> List[str]:
     return _table(headers, ":-- :-- --: --: --: --:", body)
 
 
+def sensitivity(d: Path) -> List[str]:
+    """One solve at several iteration caps: its residual, gains, and what the next changes."""
+    rows = _rows(d, "results-sensitivity.csv")
+    ks = sorted(
+        {int(k[len("overlap_top") :]) for r in rows for k in r if k.startswith("overlap_top")}
+    )
+    body = []
+    for r in rows:
+        nxt = r["next_setting"]
+        unit = " it." if r["parameter"] == "max_iter" else ""
+        body.append([
+            r["checkpoint"], r["method"], r["solve"], _ci(r, "heldout_gain"),
+            _ci(r, "heldout_beyond_recalibration"), f"{int(nxt):,}{unit}" if nxt else "—",
+            *[f"{float(r[f'overlap_top{k}']) * 100:.0f} %" if r[f"overlap_top{k}"] else "—" for k in ks],
+            _num(r["relative_change"]),
+        ])  # fmt: skip
+    headers = ["checkpoint", "method", "solve", "held-out gain [95 % CI]",
+               "beyond recalibration", "next setting", *[f"top-{k:,} kept by next" for k in ks],
+               "‖I_next − I‖ / ‖I_next‖"]  # fmt: skip
+    return _table(headers, " ".join([":-- :-- :--"] + ["--:"] * (len(headers) - 3)), body)
+
+
+DIRECTIONS = ("all", "A→A", "B→B", "A→B", "B→A")
+
+
+def group_directions(d: Path) -> List[str]:
+    """Group fidelity per subset size, in-sample and across halves (Spearman [95 % CI])."""
+    cells: Dict[tuple, Dict[str, str]] = {}
+    for r in _rows(d, "results-groupfid.csv"):
+        if r["origin"] == "random" and r["k"]:
+            rho = _num(r["spearman"])
+            if r["spearman_lo"]:
+                rho += f" [{_num(r['spearman_lo'])}, {_num(r['spearman_hi'])}]"
+            cells.setdefault((r["checkpoint"], r["method"], int(r["k"])), {})[r["direction"]] = rho
+    body = [[c, m, f"{k:,}", *[got.get(x, "—") for x in DIRECTIONS]]
+            for (c, m, k), got in cells.items() if len(got) > 1]  # fmt: skip
+    headers = ["checkpoint", "method", "k", "in-sample, all rows", "in-sample A→A",
+               "in-sample B→B", "across A→B", "across B→A"]  # fmt: skip
+    return _table(headers, ":-- :-- --: --: --: --: --: --:", body)
+
+
 def summary(d: Path) -> str:
     blocks = [
         "<!-- written by docs/results/summarize.py from this directory's CSVs -->",
@@ -235,6 +276,11 @@ def summary(d: Path) -> str:
         blocks += ["## Repeated splits", "\n".join(splits(d))]
     if _rows(d, "results-fresh.csv"):
         blocks += ["## Fresh test set (chosen on dev, measured once)", "\n".join(fresh(d))]
+    if _rows(d, "results-sensitivity.csv"):
+        blocks += ["## Longer solves", "\n".join(sensitivity(d))]
+    if len(group_directions(d)) > 2:
+        blocks += ["## Group fidelity, in-sample and across halves (Spearman per subset size)",
+                   "\n".join(group_directions(d))]  # fmt: skip
     # The methods benchmark runs measure fidelity; the main runs do not (their block would be empty).
     if any(r["single_spearman"] for r in _rows(d, "results-benchmark.csv")):
         blocks += ["## Methods benchmark", "\n".join(benchmark(d))]
