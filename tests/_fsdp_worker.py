@@ -1,6 +1,7 @@
 """Worker for test_sharded.py: score an FSDP2-sharded copy of the problem on this rank (torchrun)."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -59,6 +60,11 @@ def main(out: Path) -> None:
     (out / f"report-rank{rank}.json").write_text(json.dumps(report))
     dist.barrier()  # nobody tears gloo down while another rank still talks
     dist.destroy_process_group()
+    # Every result is on disk; leave without C++ static destructors, where gloo's threads
+    # aborted under load ("terminate called without an active exception", CI 2026-12-05).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
