@@ -25,6 +25,7 @@ __all__ = [
     "ITERATIVE_SOLVERS",
     "AnalyzeConfig",
     "Variant",
+    "count_token",
     "lanczos_steps",
     "parse_method",
 ]
@@ -214,7 +215,7 @@ def _label_tokens() -> Dict[str, Tuple[str, str]]:
 _COUNT_TOKENS = {"it": "max_iter", "r": "rank"}
 
 
-def _count_token(tok: str) -> Optional[Tuple[str, int]]:
+def count_token(tok: str) -> Optional[Tuple[str, int]]:
     """``it<N>`` -> ("max_iter", N), ``r<N>`` -> ("rank", N) (N >= 1, no leading zero)."""
     m = re.fullmatch(r"(it|r)([1-9][0-9]*)", tok)
     return None if m is None else (_COUNT_TOKENS[m.group(1)], int(m.group(2)))
@@ -245,7 +246,7 @@ def parse_method(label: str) -> Variant:
     tokens = _label_tokens()
     found: Dict[str, Union[str, int]] = {}
     for tok in rest:
-        count = _count_token(tok)
+        count = count_token(tok)
         if tok not in tokens and count is None:
             raise ValueError(
                 f"unknown variant {tok!r} in {label!r}; one of {sorted(tokens)}, it<N> or r<N>"

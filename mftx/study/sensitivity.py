@@ -21,7 +21,7 @@ import torch
 
 from ..ops.indexing import FlatIndex
 from ..scores import Scores
-from .config import ITERATIVE_SOLVERS, AnalyzeConfig, parse_method
+from .config import ITERATIVE_SOLVERS, AnalyzeConfig, count_token, parse_method
 from .schema import Reader, register
 
 __all__ = ["Sensitivity", "compare", "families"]
@@ -29,16 +29,8 @@ __all__ = ["Sensitivity", "compare", "families"]
 
 def _strip(label: str) -> str:
     """The label without its it<N> / r<N> token."""
-    keep = [t for i, t in enumerate(label.split("-")) if i == 0 or not _is_count(t)]
+    keep = [t for i, t in enumerate(label.split("-")) if i == 0 or count_token(t) is None]
     return "-".join(keep)
-
-
-def _is_count(tok: str) -> bool:
-    for prefix in ("it", "r"):
-        rest = tok[len(prefix) :]
-        if tok.startswith(prefix) and rest.isdigit() and not rest.startswith("0"):
-            return True
-    return False
 
 
 def families(
