@@ -597,17 +597,20 @@ def test_quoted_results_tables_are_the_committed_summaries() -> None:
     assert quoted > 40
 
 
-def test_reproduce_script_parses_and_uses_only_real_options() -> None:
-    """docs/results/reproduce.sh is valid bash, and each `mftx <command>` line in it passes
-    only options that command's parser knows (a renamed flag fails here, not hours in)."""
+@pytest.mark.parametrize("name", ["reproduce.sh", "rerun-60.sh", "solves-60.sh"])
+def test_results_script_parses_and_uses_only_real_options(name: str) -> None:
+    """Each script of docs/results/ is valid bash, sources the shared preamble, and each
+    `mftx <command>` line in it passes only options that command's parser knows (a
+    renamed flag fails here, not hours in)."""
     import argparse
     import re
     import subprocess
 
     from mftx.cli import build_parser
 
-    script = DOCS / "reproduce.sh"
+    script = DOCS / name
     subprocess.run(["bash", "-n", str(script)], check=True)
+    assert 'source "$(dirname "$0")/_env.sh"' in script.read_text()
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     known = {name: set(p._option_string_actions) for name, p in sub.choices.items()}
@@ -624,7 +627,16 @@ def test_reproduce_script_parses_and_uses_only_real_options() -> None:
             continue
         assert command in known, line
         used.setdefault(command, set()).update(re.findall(r"(?<![\w-])--[a-z][a-z-]*", line))
-    assert {"finetune", "analyze", "report"} <= set(used)
+    assert "analyze" in used
+    if name == "reproduce.sh":
+        assert {"finetune", "analyze", "report"} <= set(used)
+        # A misspelt stage stops before any work, naming the stage.
+        bad = subprocess.run(
+            ["bash", str(script), "/nonexistent/run", "finetune-1k", "analyse-1k"],
+            capture_output=True,
+            text=True,
+        )
+        assert bad.returncode == 2 and "unknown stage: analyse-1k" in bad.stderr
     for command, options in used.items():
         assert options <= known[command], (command, sorted(options - known[command]))
 

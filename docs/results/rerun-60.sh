@@ -11,12 +11,8 @@
 # MINRES influence (the reference formula) is left out here: its three 40-iteration solves
 # take about 45 min per checkpoint on this machine, and the main run has it.
 # Every stage resumes; the report is written to docs/results/rerun-60/.
-set -euo pipefail
-cd "$(dirname "$0")/../.."
-DATA="${MFTX_DATA:-$(cd .. && pwd)/shared/data/sst2}"
+source "$(dirname "$0")/_env.sh"
 OUT="${1:-runs/rerun60}"
-MFTX="${MFTX:-.venv/bin/mftx}"
-PYTHON="${PYTHON:-.venv/bin/python}"
 
 CKPTS=()
 for seed in 0 1 2; do

@@ -10,12 +10,8 @@
 #   bash docs/results/solves-60.sh [RUN_DIR]
 # Needs the s0-60 checkpoint of rerun-60.sh (step 1 of that script fine-tunes it, ~5 min).
 # Every stage resumes; the report is written to docs/results/solves-60/.
-set -euo pipefail
-cd "$(dirname "$0")/../.."
-DATA="${MFTX_DATA:-$(cd .. && pwd)/shared/data/sst2}"
+source "$(dirname "$0")/_env.sh"
 OUT="${1:-runs/rerun60}"
-MFTX="${MFTX:-.venv/bin/mftx}"
-PYTHON="${PYTHON:-.venv/bin/python}"
 
 "$MFTX" analyze "$OUT/ft-1k-s0/s0-60" --data "$DATA" --hvp-batches 4 --heldout \
   --methods gradient,taylor,influence-ekfac,influence-minres-it40,influence-minres-it100,influence-minres-it200 \
