@@ -36,6 +36,11 @@ Jobs (``--jobs``, comma-separated; all by default):
   replaced: float32 against float64 EK-FAC eigenbases, one Gram-Schmidt pass of the
   Lanczos reorthogonalisation against two, three stacked vectors in one curvature
   product against three products; and each product's cost in gradients.
+- ``flops``: the matmul-family FLOPs (``torch.utils.flop_counter``) of one curvature
+  product on each side, Hessian and GGN, mftx rev-rev and cached against curvlinops
+  (which recomputes the forward and first backward pass in every product) and the
+  cached one against PyHessian (which keeps its graph, as mftx's cached mode does):
+  the floor under the per-iteration time ratios while both sides run the same kernels.
 
 Written for a CPU; nothing here is a test (tests/test_bench_peers.py checks the logic).
 """
@@ -65,7 +70,7 @@ import mftx.models
 from mftx.curvature import spectra
 from mftx.inverse import ekfac, solvers
 
-JOBS = ("ekfac", "solvers", "spectrum", "ablation")
+JOBS = ("ekfac", "solvers", "spectrum", "ablation", "flops")
 
 
 # ---------------------------------------------------------------------------- setup
@@ -177,6 +182,7 @@ class Report:
         self.meta = meta
         self.agreement: List[Dict[str, Any]] = []
         self.timing: List[Dict[str, Any]] = []
+        self.arithmetic: List[Dict[str, Any]] = []
         self.notes: List[str] = []
 
     def agree(self, job: str, what: str, value: float, limit: float, kind: str = "max") -> None:
@@ -201,6 +207,16 @@ class Report:
         print(f"[time] {job}: {what}: mftx {ours:.4g} s, {peer_name} {p} per {unit}: {r}",
               flush=True)  # fmt: skip
 
+    def flops(self, job: str, what: str, ours: float, peer: float, peer_name: str) -> None:
+        """Matmul-family FLOPs of one piece of work on each side (deterministic)."""
+        ratio = ours / peer if peer else None
+        self.arithmetic.append({"job": job, "what": what, "mftx_gflop": ours / 1e9,
+                                "peer_gflop": peer / 1e9, "ratio": ratio,
+                                "peer": peer_name})  # fmt: skip
+        r = f"{ratio:.3f}x" if ratio is not None else "n/a"
+        print(f"[flops] {job}: {what}: mftx {ours / 1e9:.4g} GFLOP, {peer_name} "
+              f"{peer / 1e9:.4g} GFLOP: {r}", flush=True)  # fmt: skip
+
     def note(self, text: str) -> None:
         self.notes.append(text)
         print(f"[note] {text}", flush=True)
@@ -211,7 +227,7 @@ class Report:
 
     def to_json(self) -> Dict[str, Any]:
         return {"meta": self.meta, "agreement": self.agreement, "timing": self.timing,
-                "notes": self.notes, "ok": self.ok}  # fmt: skip
+                "arithmetic": self.arithmetic, "notes": self.notes, "ok": self.ok}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- EK-FAC
@@ -518,10 +534,10 @@ def job_spectrum(rep: Report, model, train, val, space, dtype, timer: Timer, tig
     data = (_inputs(one[0]), one[0]["labels"])
     try:
 
-        def pyh_top():
+        def pyh_top(tol=1e-3, max_iter=100):
             torch.manual_seed(0)
             h = PyHessian(Logits(model), crit, data=data, cuda=False)
-            return h.eigenvalues(maxIter=100, tol=1e-3, top_n=1)[0][0]
+            return h.eigenvalues(maxIter=max_iter, tol=tol, top_n=1)[0][0]
 
         def pyh_trace(n):
             torch.manual_seed(0)
@@ -534,6 +550,22 @@ def job_spectrum(rep: Report, model, train, val, space, dtype, timer: Timer, tig
             op = mftx.Curvature(model, space, one, obj, mode=mode, cache_graphs=cache)
             try:
                 return spectra.estimate(op.matvec, like, steps=80, tol=tol, probes=1)
+            finally:
+                op.release()
+
+        def ours_top(mode, cache, tol):
+            """The largest-|λ| Ritz value alone (value, n_matvec)."""
+            from types import SimpleNamespace
+
+            from mftx.curvature.lanczos import lanczos, largest_magnitude, rademacher
+
+            op = mftx.Curvature(model, space, one, obj, mode=mode, cache_graphs=cache)
+            try:
+                run = lanczos(op.matvec, rademacher(like.numel(), 0, like), 80, tol=tol,
+                              wanted=largest_magnitude(1))  # fmt: skip
+                theta = run.ritz()[0]
+                lead = float(theta[theta.abs().argmax()])
+                return SimpleNamespace(value=lead, n_matvec=run.n_matvec)
             finally:
                 op.release()
 
@@ -601,6 +633,28 @@ def job_spectrum(rep: Report, model, train, val, space, dtype, timer: Timer, tig
                      "(Lanczos tol = its relative error) against the top eigenvalue (PyHessian)",
                      t_o, t_p, "estimate", "PyHessian 0.1", mftx_products=spec_e.n_matvec,
                      tol=err)  # fmt: skip
+        # The fair form of PyHessian's job: the largest |λ| alone, both sides to the same
+        # actual accuracy. PyHessian's power iteration gets a tight stopping rule (relative
+        # change < 1e-6, at most 200 iterations); its error is measured against a tight
+        # Lanczos value; mftx's Lanczos then stops once its error bound on the largest-|λ|
+        # Ritz value (a guarantee) is within that error.
+        ref = ours_top("double-backward", True, 1e-7)
+        pyh_tight = lambda: pyh_top(tol=1e-6, max_iter=200)  # noqa: E731
+        top_t = pyh_tight()
+        err_t = abs(abs(top_t) - abs(ref.value)) / abs(ref.value)
+        rep.note(f"largest |λ|: tight Lanczos {ref.value:.8g} ({ref.n_matvec} products); "
+                 f"PyHessian with relative change < 1e-6 (≤ 200 iterations) {top_t:.8g}, "
+                 f"{err_t:.1e} off")  # fmt: skip
+        tol_e = max(err_t, 1e-7)
+        run_e = ours_top("double-backward", True, tol_e)
+        rep.agree("spectrum", "largest |λ|: mftx Lanczos to PyHessian's achieved error, its "
+                  "value off the tight one (relative)",
+                  abs(run_e.value - ref.value) / abs(ref.value), max(2 * tol_e, 1e-6))  # fmt: skip
+        t_o, t_p = timer.pair(lambda: ours_top("double-backward", True, tol_e), pyh_tight)
+        rep.time("spectrum", "largest |λ| only, both to the same accuracy: mftx Lanczos (cached "
+                 "graphs, stops at its bound) against PyHessian's power iteration (relative "
+                 "change < 1e-6)", t_o, t_p, "estimate", "PyHessian 0.1",
+                 mftx_products=run_e.n_matvec, tol=tol_e)  # fmt: skip
     finally:
         for p in frozen:
             p.requires_grad_(True)
@@ -669,6 +723,88 @@ def job_ablation(rep: Report, model, train, val, space, dtype, timer: Timer):
             op.release()
 
 
+# ---------------------------------------------------------------------------- flops
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """Matmul-family FLOPs (mm, bmm, addmm, …) that `fn` runs, counted per aten call with
+    torch's own formulas (``torch.utils.flop_counter.flop_registry``). Not FlopCounterMode
+    itself: its module tracking hooks break curvlinops' nested ``autograd.grad``.
+    Elementwise work is not counted: on these models the matmuls are most of the time."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import flop_registry
+
+    class Count(TorchDispatchMode):
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            formula = flop_registry.get(func._overloadpacket)
+            if formula is not None:
+                Count.total += int(formula(*args, **kwargs, out_val=out))
+            return out
+
+    with Count():
+        fn()
+    return Count.total
+
+
+def job_flops(rep: Report, model, train, space):
+    """The arithmetic of one curvature product on each side: the floor under any time ratio.
+
+    A per-iteration solver ratio cannot fall much below the ratio of the products'
+    arithmetic while both sides run the same kernels; this says where that floor is."""
+    from pyhessian import hessian as PyHessian
+
+    obj = mftx.HFClassification()
+    gen = torch.Generator().manual_seed(0)
+    like = space.flatten(space.detached())
+    v = torch.randn(like.shape, generator=gen, dtype=like.dtype)
+    grad_flops = count_flops(lambda: mftx.Curvature(model, space, train, obj).gradient(train))
+    for curv in ("hessian", "ggn"):
+        peer = _curvlinops_operator(model, train, space, curv, 0.0)
+        peer_flops = count_flops(lambda: peer @ v)  # noqa: B023
+        for label, kw in (("rev-rev", {}), ("cached", {"mode": "double-backward",
+                                                        "cache_graphs": True})):  # fmt: skip
+            op = mftx.Curvature(model, space, train, obj, curvature=curv, **kw)
+            op.matvec(v)  # builds the kept graphs (once per solve, not per product)
+            ours = count_flops(lambda: op.matvec(v))  # noqa: B023
+            op.release()
+            rep.flops("flops", f"{curv} product over the training batches, mftx {label}",
+                      ours, peer_flops, "curvlinops 3.0.1")  # fmt: skip
+            rep.note(f"{curv} product, mftx {label}: {ours / grad_flops:.3g}× the matmul FLOPs "
+                     f"of a gradient of the same loss and batches; curvlinops "
+                     f"{peer_flops / grad_flops:.3g}×")  # fmt: skip
+    # PyHessian keeps its first-order graph too: its product is mftx's cached one.
+    one = [train[0]]
+    analysed = {id(p) for p in space.params}
+    frozen = [p for p in model.parameters() if id(p) not in analysed and p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        h = PyHessian(Logits(model), torch.nn.CrossEntropyLoss(),
+                      data=(_inputs(one[0]), one[0]["labels"]), cuda=False)  # fmt: skip
+        vs = [t.clone() for t in space.unflatten(v)]
+        by_id = {id(p): i for i, p in enumerate(h.params)}
+        order = [by_id[id(p)] for p in space.params]
+        vs_h = [None] * len(vs)
+        for i, j in enumerate(order):
+            vs_h[j] = vs[i]
+        from pyhessian.utils import hessian_vector_product
+
+        peer_flops = count_flops(lambda: hessian_vector_product(h.gradsH, h.params, vs_h))
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    op = mftx.Curvature(model, space, one, obj, mode="double-backward", cache_graphs=True)
+    op.matvec(v)
+    ours = count_flops(lambda: op.matvec(v))
+    op.release()
+    rep.flops("flops", "hessian product on one batch, mftx cached (PyHessian keeps its graph too)",
+              ours, peer_flops, "PyHessian 0.1")  # fmt: skip
+
+
 # ---------------------------------------------------------------------------- table
 
 
@@ -700,6 +836,16 @@ def table(runs: List[Tuple[str, Dict[str, Any]]], notes: Optional[List[str]] = N
         for (job, what), by in ratios.items():
             cells = [f"{by[x]:.2f}×" if by.get(x) is not None else "–" for x in labels]
             out.append(f"| {job} | {what} | " + " | ".join(cells) + " |")
+        out.append("")
+    flops = [(label, a) for label, run in runs for a in run.get("arithmetic", [])]
+    if flops:
+        out += ["## Arithmetic per product (matmul-family GFLOP)", "",
+                "| run | work | mftx | peer | peer GFLOP | mftx / peer |",
+                "| :-- | :-- | --: | :-- | --: | --: |"]  # fmt: skip
+        for label, a in flops:
+            r = f"{a['ratio']:.3f}" if a["ratio"] is not None else "n/a"
+            out.append(f"| {label} | {a['what']} | {a['mftx_gflop']:.4g} | {a['peer']} | "
+                       f"{a['peer_gflop']:.4g} | {r} |")  # fmt: skip
         out.append("")
     for label, run in runs:
         m = run["meta"]
@@ -826,6 +972,8 @@ def main(argv=None) -> int:
         job_spectrum(rep, model, train, val, space, dtype, timer, tiny, oracle=tiny)
     if "ablation" in jobs:
         job_ablation(rep, model, train, val, space, dtype, timer)
+    if "flops" in jobs:
+        job_flops(rep, model, train, space)
     meta["load_average_end"] = round(os.getloadavg()[0], 2)
     if args.json:
         args.json.write_text(json.dumps(rep.to_json(), indent=1))

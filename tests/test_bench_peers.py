@@ -66,7 +66,7 @@ def test_agreement_on_a_tiny_model(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--model", "tiny", "--check-only", "--jobs",
-         "solvers,spectrum", "--json", str(out)],
+         "solvers,spectrum,flops", "--json", str(out)],
         capture_output=True, text=True, env=env, timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -75,3 +75,10 @@ def test_agreement_on_a_tiny_model(tmp_path):
     whats = " ".join(a["what"] for a in run["agreement"])
     assert "scipy + curvlinops" in whats and "dense eigendecomposition" in whats
     assert "3 right-hand sides" in whats
+    # Arithmetic: a kept graph saves the forward and first backward pass of every product
+    # (below curvlinops, which recomputes them), and equals PyHessian's kept-graph product.
+    flops = {a["what"]: a for a in run["arithmetic"]}
+    for curv in ("hessian", "ggn"):
+        assert flops[f"{curv} product over the training batches, mftx cached"]["ratio"] < 0.7
+    pyh = next(a for w, a in flops.items() if "PyHessian" in w)
+    assert pyh["ratio"] == pytest.approx(1.0)
