@@ -17,7 +17,8 @@ Jobs (``--jobs``, comma-separated; all by default):
 
 - ``ekfac``: EK-FAC fit of the Fisher (sampled and empirical) and the preconditioned
   validation gradient, mftx ``solver="ekfac"`` against kronfluence 1.0.1
-  (``fit_all_factors``; its preconditioner applied with its own ``Ekfac`` factor config).
+  (``fit_all_factors``; its preconditioner applied with its own ``Ekfac`` factor config);
+  also each fit's matmul FLOPs.
   kronfluence's sampled Fisher redraws labels in its own task; for the agreement check
   both use the labels mftx drew.
 - ``solvers``: CG on H + λ_pd I (λ_pd: mftx's auto damping, H + λI positive definite),
@@ -353,6 +354,11 @@ def job_ekfac(rep: Report, model, train, val, space, dtype, timer: Timer, tight:
         rep.agree("ekfac", f"{fisher} Fisher: preconditioned gradient, relative difference "
                   f"(λ = 0.1 × mean Λ = {damping:.3g})", rel(ours, theirs), limit)  # fmt: skip
         rep.agree("ekfac", f"{fisher} Fisher: cosine", cosine(ours, theirs), 1 - 1e-6, "min")
+    for fisher in ekfac.FISHERS:  # eigendecompositions are not matmuls: not counted
+        rep.flops("ekfac", f"fit, {fisher} Fisher (matmuls; eigendecompositions not counted)",
+                  count_flops(lambda f=fisher: ekfac.fit(model, space, train, obj, fisher=f,
+                                                         seed=0)),
+                  count_flops(lambda f=fisher: k_fit(f)), "kronfluence 1.0.1")  # fmt: skip
     for fisher in ekfac.FISHERS:
         t_o, t_p = timer.pair(
             lambda f=fisher: ekfac.fit(model, space, train, obj, fisher=f, seed=0),
@@ -776,6 +782,17 @@ def job_flops(rep: Report, model, train, space):
             rep.note(f"{curv} product, mftx {label}: {ours / grad_flops:.3g}× the matmul FLOPs "
                      f"of a gradient of the same loss and batches; curvlinops "
                      f"{peer_flops / grad_flops:.3g}×")  # fmt: skip
+    # Several right-hand sides: what a product of 3 stacked vectors shares.
+    V = torch.randn((3, *like.shape), generator=gen, dtype=like.dtype)
+    for label, kw in (("rev-rev", {}), ("cached", {"mode": "double-backward",
+                                                    "cache_graphs": True})):  # fmt: skip
+        op = mftx.Curvature(model, space, train, obj, **kw)
+        op.matvec(V[0])
+        stacked = count_flops(lambda: op.matvec(V))  # noqa: B023
+        single = count_flops(lambda: [op.matvec(x) for x in V])  # noqa: B023
+        op.release()
+        rep.flops("flops", f"hessian products of 3 stacked vectors, mftx {label}, against 3 "
+                  "products one at a time", stacked, single, "mftx, one at a time")  # fmt: skip
     # PyHessian keeps its first-order graph too: its product is mftx's cached one.
     one = [train[0]]
     analysed = {id(p) for p in space.params}

@@ -117,6 +117,27 @@ def linear_blocks(model: nn.Module, space: ParamSpace) -> List[Block]:
     return blocks
 
 
+def _check_sampling(objective: Any) -> None:
+    if not isinstance(objective, Objective):
+        raise TypeError(
+            "fisher='sampled' needs the outputs: pass loss_fn=mftx.Objective(outputs, loss) "
+            "(the default HF objective has it), or use fisher='empirical'"
+        )
+
+
+def _draw(z: torch.Tensor, batch: Any, seed: int, pos: int, i: int) -> Any:
+    """`batch` with ``labels`` drawn from the logits `z` (examples numbered from `pos`)."""
+    if z.dim() != 2 or z.shape[1] < 2 or not isinstance(batch.get("labels"), torch.Tensor):
+        raise ValueError(
+            f"fisher='sampled' samples class labels from logits (batch, classes >= 2); "
+            f"batch {i} gives outputs of shape {tuple(z.shape)}. Use fisher='empirical'."
+        )
+    probs = torch.softmax(z.detach().to(torch.float64).cpu(), dim=1)
+    u = dist.uniforms(seed, pos, probs.shape[0])
+    y = (u[:, None] >= torch.cumsum(probs, 1)).sum(1).clamp(max=probs.shape[1] - 1)
+    return {**batch, "labels": y.to(batch["labels"].device, batch["labels"].dtype)}
+
+
 def sampled_batches(
     model: nn.Module, batches: Sequence[Any], objective: Objective, seed: int, offset: int = 0
 ) -> List[Any]:
@@ -126,28 +147,16 @@ def sampled_batches(
     Example j (counted over the batches from `offset`, its global index in a
     data-parallel union) gets the class at which the cumulative probabilities
     pass a uniform keyed by (`seed`, j) (`mftx.core.dist.uniforms`): the same
-    labels however the examples are split over ranks or batched.
+    labels however the examples are split over ranks or batched. (`fit` draws the
+    same labels inside its first pass, without a forward pass of its own.)
     """
-    if not isinstance(objective, Objective):
-        raise TypeError(
-            "fisher='sampled' needs the outputs: pass loss_fn=mftx.Objective(outputs, loss) "
-            "(the default HF objective has it), or use fisher='empirical'"
-        )
+    _check_sampling(objective)
     out = []
     pos = offset
     with torch.no_grad():
         for i, b in enumerate(batches):
-            z = objective.outputs(model, b)
-            if z.dim() != 2 or z.shape[1] < 2 or not isinstance(b.get("labels"), torch.Tensor):
-                raise ValueError(
-                    f"fisher='sampled' samples class labels from logits (batch, classes >= 2); "
-                    f"batch {i} gives outputs of shape {tuple(z.shape)}. Use fisher='empirical'."
-                )
-            probs = torch.softmax(z.detach().to(torch.float64).cpu(), dim=1)
-            u = dist.uniforms(seed, pos, probs.shape[0])
-            pos += probs.shape[0]
-            y = (u[:, None] >= torch.cumsum(probs, 1)).sum(1).clamp(max=probs.shape[1] - 1)
-            out.append({**b, "labels": y.to(b["labels"].device, b["labels"].dtype)})
+            out.append(_draw(objective.outputs(model, b), b, seed, pos, i))
+            pos += batch_size(b)
     return out
 
 
@@ -172,13 +181,20 @@ class _Capture:
             h.remove()
 
 
-def _per_token(model, blocks, loss_fn, batch):
-    """For each block: ā (B, T, k), its token weights (B, T), δ (B, T, d_out)."""
+def _per_token(model, blocks, loss_fn, batch, relabel=None):
+    """For each block: ā (B, T, k), its token weights (B, T), δ (B, T, d_out); and the
+    batch the loss was taken on. `relabel` (outputs -> batch): labels drawn from this
+    forward pass's own outputs (the sampled Fisher's first pass; no second forward)."""
     n = batch_size(batch)
     cap = _Capture(model, blocks)
     try:
         with torch.enable_grad():
-            loss = loss_fn(model, batch) * n  # the sum of per-example losses
+            if relabel is None:
+                loss = loss_fn(model, batch) * n  # the sum of per-example losses
+            else:
+                z = loss_fn.outputs(model, batch)
+                batch = relabel(z)
+                loss = loss_fn.loss(z, batch) * n
             outs = [o for b in blocks for o in cap.outputs[b.module]]
             grads = torch.autograd.grad(loss, outs, allow_unused=True)
     finally:
@@ -206,7 +222,7 @@ def _per_token(model, blocks, loss_fn, batch):
         if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape == w.shape:
             w = mask.to(a.dtype)
         res.append((a_bar, w, torch.cat(deltas, 1)))
-    return res
+    return res, batch
 
 
 class EKFAC:
@@ -297,14 +313,21 @@ def fit(
     on = dist.active(distributed)
     blocks = linear_blocks(model, space)
     batches = list(batches)
-    if fisher == "sampled":
-        offset = dist.example_offset(sum(batch_size(b) for b in batches), on)
-        batches = sampled_batches(model, batches, loss_fn, seed, offset)
+    pos = None
+    if fisher == "sampled":  # labels drawn from the first pass's own forward
+        _check_sampling(loss_fn)
+        pos = dist.example_offset(sum(batch_size(b) for b in batches), on)
     f64 = torch.float64
     A = [torch.zeros(b.k, b.k, dtype=f64) for b in blocks]
     S = [torch.zeros(b.d_out, b.d_out, dtype=f64) for b in blocks]
-    for batch in tqdm(batches, desc="ekfac factors", disable=not progress, leave=False):
-        for i, (a, w, d) in enumerate(_per_token(model, blocks, loss_fn, batch)):
+    for j, batch in enumerate(tqdm(batches, desc="ekfac factors", disable=not progress,
+                                   leave=False)):  # fmt: skip
+        relabel = None
+        if pos is not None:
+            relabel = lambda z, b=batch, p=pos, j=j: _draw(z, b, seed, p, j)  # noqa: E731
+            pos += batch_size(batch)
+        per_token, batches[j] = _per_token(model, blocks, loss_fn, batch, relabel)
+        for i, (a, w, d) in enumerate(per_token):
             aw = a * w[..., None]
             A[i] += (aw.reshape(-1, a.shape[-1]).T @ a.reshape(-1, a.shape[-1])).to(f64).cpu()
             d2 = d.reshape(-1, d.shape[-1])
@@ -318,7 +341,7 @@ def fit(
     n_all = 0
     for batch in tqdm(batches, desc="ekfac eigenvalues", disable=not progress, leave=False):
         n_all += batch_size(batch)
-        for b, (a, _, d) in zip(blocks, _per_token(model, blocks, loss_fn, batch)):
+        for b, (a, _, d) in zip(blocks, _per_token(model, blocks, loss_fn, batch)[0]):
             QA, QS = b.QA.to(a.device, a.dtype), b.QS.to(d.device, d.dtype)
             rotated = torch.einsum("bto,bti->boi", d @ QS, a @ QA)  # Q_Sᵀ G_n Q_A per example
             b.lam += (rotated * rotated).sum(0).to(f64).cpu()
