@@ -597,7 +597,9 @@ def test_quoted_results_tables_are_the_committed_summaries() -> None:
     assert quoted > 40
 
 
-@pytest.mark.parametrize("name", ["reproduce.sh", "rerun-60.sh", "solves-60.sh"])
+@pytest.mark.parametrize(
+    "name", ["reproduce.sh", "reproduce-i12.sh", "rerun-60.sh", "solves-60.sh"]
+)
 def test_results_script_parses_and_uses_only_real_options(name: str) -> None:
     """Each script of docs/results/ is valid bash, sources the shared preamble, and each
     `mftx <command>` line in it passes only options that command's parser knows (a
