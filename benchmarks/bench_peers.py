@@ -856,7 +856,7 @@ def table(runs: List[Tuple[str, Dict[str, Any]]], notes: Optional[List[str]] = N
         out.append("")
     flops = [(label, a) for label, run in runs for a in run.get("arithmetic", [])]
     if flops:
-        out += ["## Arithmetic per product (matmul-family GFLOP)", "",
+        out += ["## Arithmetic (matmul-family GFLOP)", "",
                 "| run | work | mftx | peer | peer GFLOP | mftx / peer |",
                 "| :-- | :-- | --: | :-- | --: | --: |"]  # fmt: skip
         for label, a in flops:
